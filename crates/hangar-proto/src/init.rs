@@ -1,0 +1,107 @@
+//! The link between Hangar and `hangar-init`, PID 1 in every sandbox.
+//!
+//! Hangar writes an [`InitConfig`] to `/run/hangar/init.json` before the sandbox starts;
+//! `hangar-init` reads it and removes it (it holds the control secret). `hangar-init` then
+//! serves HTTP/1.1 on `/run/hangar/control.sock`; every request carries
+//! `Authorization: Bearer <secret>`. Endpoints:
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /health` | | 200 [`InitHealth`] |
+//! | `POST /exec` | [`crate::sandbox::ExecRequest`] | 200 NDJSON stream of [`InitExecEvent`]; 4xx if the process cannot start |
+//! | `GET /files/content?path=` | | 200 raw bytes |
+//! | `PUT /files/content?path=` | raw bytes | 200 [`crate::sandbox::FileEntry`] |
+//! | `DELETE /files/content?path=[&recursive=true]` | | 204 |
+//! | `GET /files?path=` | | 200 [`crate::sandbox::FileStat`] |
+//! | `POST /files/mkdir?path=` | | 200 [`crate::sandbox::FileEntry`] |
+//! | `POST /suspend` | | 200; then `hangar-init` closes every host socket (see below) |
+//!
+//! Errors are [`crate::ErrorBody`] with 400 (bad path or request), 401 (no or wrong secret),
+//! 404 (no such file or executable), 409 (wrong file type), 413 (too large), 500.
+//!
+//! gVisor cannot checkpoint a sandbox that holds host sockets, so `POST /suspend` syncs the
+//! filesystems, closes `control.sock`, `agent.sock` and every connection through them or
+//! through `egress.sock`, and removes the socket files. On `SIGUSR2` (sent after a restore)
+//! `hangar-init` binds its sockets again.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the init configuration inside the run directory.
+pub const INIT_CONFIG_FILE: &str = "init.json";
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const AGENT_SOCKET: &str = "agent.sock";
+pub const EGRESS_SOCKET: &str = "egress.sock";
+/// Where the run directory appears inside the sandbox.
+pub const RUN_DIR_IN_SANDBOX: &str = "/run/hangar";
+/// Where the read-only directory holding the `hangar-init` binary appears inside the sandbox.
+pub const INIT_DIR_IN_SANDBOX: &str = "/.hangar";
+pub const DEFAULT_AGENT_PORT: u16 = 8088;
+pub const PROXY_PORT: u16 = 3128;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// The bearer secret every control request must carry.
+    pub secret: String,
+    /// The agent process, restarted with backoff when it exits. `None`: no agent process.
+    pub agent: Option<ProcessSpec>,
+    /// The port the agent listens on inside the sandbox; `agent.sock` forwards to it.
+    pub agent_port: u16,
+    /// The defaults for exec: the image's environment, user and working directory.
+    pub defaults: ProcessDefaults,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessDefaults {
+    pub env: BTreeMap<String, String>,
+    /// `name`, `uid`, `uid:gid` or `name:group`; empty means root.
+    pub user: String,
+    /// Empty means `/`.
+    pub cwd: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// No agent process is configured.
+    None,
+    Running,
+    /// Exited and waiting for its backoff before the next start.
+    Restarting,
+    /// The agent cannot be started at all (e.g. its executable is missing).
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub state: AgentState,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    /// Exit code (or 128 + signal) of the last exit, if any.
+    pub last_exit: Option<i32>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InitHealth {
+    pub ok: bool,
+    pub agent: AgentStatus,
+}
+
+/// One NDJSON line of `POST /exec`. Output chunks are base64 because they are bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InitExecEvent {
+    Stdout(String),
+    Stderr(String),
+    Exit { exit_code: i32, timed_out: bool },
+}
