@@ -41,7 +41,9 @@ impl std::str::FromStr for DriverKind {
             "vm" => Ok(DriverKind::Vm),
             "gvisor" => Ok(DriverKind::Gvisor),
             "container" => Ok(DriverKind::Container),
-            other => Err(format!("unknown driver {other:?}; expected one of auto, vm, gvisor, container")),
+            other => Err(format!(
+                "unknown driver {other:?}; expected one of auto, vm, gvisor, container"
+            )),
         }
     }
 }
@@ -57,7 +59,12 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { cpus: 1.0, memory_mib: 512, disk_mib: 1024, pids: 512 }
+        Resources {
+            cpus: 1.0,
+            memory_mib: 512,
+            disk_mib: 1024,
+            pids: 512,
+        }
     }
 }
 

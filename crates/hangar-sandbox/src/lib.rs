@@ -1,1 +1,26 @@
-//! placeholder
+//! Sandboxes: isolated environments that run untrusted agent code, with a persistent volume,
+//! resource limits, a loopback-only network and suspend/resume.
+//!
+//! The [`Driver`] trait is the only place that touches external runtimes (`crun`, `runsc`,
+//! later QEMU), namespaces, cgroups and mounts; everything above it — the [`Sandboxes`]
+//! service, the link to `hangar-init`, the egress proxy — is the same for every driver.
+//! This crate never speaks HTTP to clients: the API crate does.
+
+mod cmd;
+pub mod container;
+pub mod driver;
+pub mod egress;
+pub mod gvisor;
+pub mod link;
+mod manager;
+mod mounts;
+mod oci;
+pub mod probe;
+mod reaper;
+mod record;
+mod volume;
+
+pub use driver::{Driver, DriverError, Layout, Recovered};
+pub use link::{InitLink, LinkError};
+pub use manager::{Config, SandboxError, Sandboxes};
+pub use probe::{probe_host, DriverProbe, HostProbe};

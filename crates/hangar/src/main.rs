@@ -1,1 +1,88 @@
-fn main() {}
+//! `hangar`: the server (`hangar serve`) and the CLI that talks to it over HTTP.
+//!
+//! This crate is wiring only: argument parsing, configuration, output formatting. Everything
+//! with rules of its own lives in the library crates.
+
+mod bench;
+mod client;
+mod doctor;
+mod sandbox_cmd;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hangar",
+    version,
+    about = "Run AI agents in production: every session in its own sandbox"
+)]
+struct Cli {
+    /// The Hangar server the CLI talks to.
+    #[arg(
+        long,
+        global = true,
+        env = "HANGAR_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Hangar server.
+    Serve(serve::ServeArgs),
+    /// Report which sandbox drivers work on this host, and how to fix those that don't.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage sandboxes directly.
+    #[command(subcommand)]
+    Sandbox(sandbox_cmd::SandboxCmd),
+    /// Measure Hangar against the raw runtimes it builds on.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Doctor { json } => doctor::run(json),
+            Command::Sandbox(cmd) => sandbox_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
+            Command::Bench(cmd) => bench::run(&cli.url, cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// The default data directory: `/var/lib/hangar` for root, else `$XDG_DATA_HOME/hangar`
+/// or `~/.local/share/hangar`.
+pub fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/hangar");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("hangar");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local/share/hangar")
+}

@@ -1,0 +1,216 @@
+//! The host sockets: binding `control.sock` and `agent.sock`, forwarding `agent.sock` to the
+//! agent's port, and tunnelling the in-sandbox proxy port to the host's `egress.sock`.
+//!
+//! gVisor cannot checkpoint while any host socket is open, so everything that holds one belongs
+//! to the current [`Generation`]: [`HostSockets::suspend`] cancels it and waits for those tasks to
+//! end, and [`HostSockets::bind`] starts a new one after the restore. While suspended, nothing
+//! here may open a host socket. The proxy's TCP listener lives on the sandbox's own loopback, but
+//! it is closed and bound again with the rest (see [`HostSockets::bind`]).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::Router;
+use hangar_proto::init::{AGENT_SOCKET, CONTROL_SOCKET, EGRESS_SOCKET, PROXY_PORT};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control;
+
+/// How long [`HostSockets::suspend`] waits for forwarded connections to close.
+const SUSPEND_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Everything holding a host socket while the sandbox is running.
+#[derive(Clone)]
+struct Generation {
+    /// Cancels the `agent.sock` listener and every forwarded connection (agent and egress).
+    links: CancellationToken,
+    /// Cancels the `control.sock` listener and closes control connections gracefully.
+    control: CancellationToken,
+    /// The listener tasks and forwarded connections; control connections are not tracked,
+    /// since `POST /suspend` itself runs in one.
+    tasks: TaskTracker,
+}
+
+pub struct HostSockets {
+    run_dir: PathBuf,
+    agent_port: u16,
+    current: Mutex<Option<Generation>>,
+}
+
+impl HostSockets {
+    pub fn new(run_dir: PathBuf, agent_port: u16) -> HostSockets {
+        HostSockets {
+            run_dir,
+            agent_port,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn socket_path(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+
+    /// Binds `control.sock` and `agent.sock` and serves them. Does nothing if already bound.
+    pub fn bind(&self, router: Router) -> std::io::Result<()> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.is_some() {
+            log!("sockets are already bound");
+            return Ok(());
+        }
+        let control_listener = bind_unix(&self.socket_path(CONTROL_SOCKET))?;
+        let agent_listener = bind_unix(&self.socket_path(AGENT_SOCKET))?;
+        let gen = Generation {
+            links: CancellationToken::new(),
+            control: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        gen.tasks.spawn(control::serve(
+            control_listener,
+            router,
+            gen.control.clone(),
+        ));
+        gen.tasks.spawn(serve_agent_sock(
+            agent_listener,
+            self.agent_port,
+            gen.clone(),
+        ));
+        // The proxy's listener is a sandbox-loopback socket, not a host one, but this gVisor
+        // refuses to checkpoint a listening TCP endpoint that epoll is watching ("endpoint
+        // still has waiters upon save"), so it belongs to the generation too.
+        match bind_proxy(PROXY_PORT) {
+            Ok(listener) => {
+                gen.tasks.spawn(serve_proxy(
+                    listener,
+                    self.socket_path(EGRESS_SOCKET),
+                    gen.clone(),
+                ));
+            }
+            // Outside a sandbox (tests) the port may be taken; the agent just has no egress then.
+            Err(e) => log!("cannot serve the proxy on 127.0.0.1:{PROXY_PORT}: {e}"),
+        }
+        *current = Some(gen);
+        log!("serving {} and {}", CONTROL_SOCKET, AGENT_SOCKET);
+        Ok(())
+    }
+
+    /// Lets go of every host socket: stops both listeners, aborts every forwarded connection,
+    /// removes the socket files, and asks control connections to close after their current
+    /// response. Returns once everything but those control connections is closed.
+    pub async fn suspend(&self) {
+        let Some(gen) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        gen.links.cancel();
+        gen.control.cancel();
+        gen.tasks.close();
+        if tokio::time::timeout(SUSPEND_DEADLINE, gen.tasks.wait())
+            .await
+            .is_err()
+        {
+            log!("some forwarded connections did not close within {SUSPEND_DEADLINE:?}");
+        }
+        for name in [CONTROL_SOCKET, AGENT_SOCKET] {
+            let _ = std::fs::remove_file(self.socket_path(name));
+        }
+        log!("suspended: host sockets closed");
+    }
+
+    /// Removes the socket files (at exit).
+    pub fn remove_files(&self) {
+        for name in [CONTROL_SOCKET, AGENT_SOCKET] {
+            let _ = std::fs::remove_file(self.socket_path(name));
+        }
+    }
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file.
+fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))
+}
+
+/// Binds the proxy's TCP port on the sandbox's loopback.
+fn bind_proxy(port: u16) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Serves the HTTP proxy port: each connection is spliced to `egress.sock`, where Hangar
+/// parses the request and applies the egress policy.
+async fn serve_proxy(listener: TcpListener, egress: PathBuf, gen: Generation) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = gen.links.cancelled() => return,
+        };
+        match conn {
+            Ok((tcp, _)) => {
+                let egress = egress.clone();
+                gen.tasks
+                    .spawn(splice_cancellable(gen.links.clone(), tcp, async move {
+                        UnixStream::connect(&egress).await
+                    }));
+            }
+            Err(e) => {
+                log!("proxy accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_agent_sock(listener: UnixListener, port: u16, gen: Generation) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = gen.links.cancelled() => return,
+        };
+        match conn {
+            Ok((unix, _)) => {
+                gen.tasks
+                    .spawn(splice_cancellable(gen.links.clone(), unix, async move {
+                        TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await
+                    }));
+            }
+            Err(e) => {
+                log!("agent.sock accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Connects the other side with `connect` and copies bytes both ways until either side closes
+/// or `cancel` fires, which drops (closes) both sockets. A failed connect just closes `a`.
+async fn splice_cancellable<A, B, F>(cancel: CancellationToken, mut a: A, connect: F)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: std::future::Future<Output = std::io::Result<B>>,
+{
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {}
+        _ = async {
+            match connect.await {
+                Ok(mut b) => {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+                // The agent not listening yet is normal while it starts.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => log!("forwarding: cannot connect: {e}"),
+            }
+        } => {}
+    }
+}

@@ -1,0 +1,232 @@
+//! The `gvisor` driver: `runsc` (gVisor) on an OCI bundle whose root is a host overlay.
+//!
+//! The sandbox runs on gVisor's user-space kernel with `--network=none` (loopback only) and
+//! `--host-uds=all`, so that `hangar-init` can bind its sockets in the host run directory.
+//! Suspend is a memory checkpoint: processes continue where they were after resume.
+//! gVisor cannot checkpoint while a host socket is open, so `hangar-init` is asked to close
+//! its sockets first and told (`SIGUSR2`) to bind them again after the restore.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hangar_proto::sandbox::{CheckpointMode, DriverKind};
+
+use crate::cmd::{self, CmdError};
+use crate::container::console;
+use crate::driver::{Driver, DriverError, Recovered, SandboxSpec};
+use crate::link::InitLink;
+use crate::mounts;
+use crate::oci::{self, Flavor};
+
+const RUNSC_ROOT: &str = "/run/hangar-runsc";
+/// Written into the checkpoint directory once `runsc checkpoint` has succeeded, so that a
+/// half-written image (Hangar died mid-suspend) is never restored.
+const COMPLETE: &str = "hangar-complete";
+
+#[derive(Default)]
+pub struct GvisorDriver;
+
+impl GvisorDriver {
+    pub fn new() -> GvisorDriver {
+        GvisorDriver
+    }
+
+    fn runsc(&self) -> Command {
+        let mut c = Command::new("runsc");
+        c.args([
+            "--root",
+            RUNSC_ROOT,
+            "--network=none",
+            "--host-uds=all",
+            "--overlay2=none",
+        ]);
+        c
+    }
+
+    fn status(&self, id: &str) -> Option<String> {
+        self.state(id).map(|(status, _)| status)
+    }
+
+    /// The container's status and the pid of its sandbox process.
+    fn state(&self, id: &str) -> Option<(String, i32)> {
+        let out = cmd::run(self.runsc().args(["state", id])).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let status = v.get("status").and_then(|s| s.as_str())?.to_owned();
+        Some((
+            status,
+            v.get("pid").and_then(|p| p.as_i64()).unwrap_or(-1) as i32,
+        ))
+    }
+
+    fn delete(&self, id: &str) {
+        let _ = cmd::run(self.runsc().args(["delete", "-force", id]));
+    }
+
+    /// Runs a runsc command that starts a detached sandbox. Its stdio goes to the console log:
+    /// the sandbox inherits it, and a pipe would keep the caller waiting for ever.
+    fn launch(&self, sb: &SandboxSpec, args: &[&str]) -> Result<(), CmdError> {
+        let log = console(sb).map_err(|e| CmdError::Spawn {
+            program: "runsc".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut c = self.runsc();
+        c.args(args).arg(&sb.layout.id);
+        let out = cmd::status(
+            c.stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|source| CmdError::Spawn {
+                    program: "runsc".into(),
+                    source,
+                })?)
+                .stderr(log),
+        )
+        .map_err(|source| CmdError::Spawn {
+            program: "runsc".into(),
+            source,
+        })?;
+        if !out.success() {
+            return Err(CmdError::Failed {
+                program: format!("runsc {}", args[0]),
+                status: out.to_string(),
+                stderr: tail(&sb.layout.console_log()),
+            });
+        }
+        Ok(())
+    }
+
+    fn cold_start(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        mounts::mount_rootfs(sb)?;
+        sb.write_init_config()?;
+        oci::write_bundle(sb, Flavor::Runsc)?;
+        self.delete(&sb.layout.id);
+        let bundle = sb.layout.bundle();
+        self.launch(
+            sb,
+            &["run", "-detach", "-bundle", &bundle.to_string_lossy()],
+        )
+        .map_err(DriverError::Start)
+    }
+}
+
+/// Waits until process `pid` no longer exists (or `limit` passes).
+fn wait_gone(pid: i32, limit: Duration) {
+    if pid <= 0 {
+        return;
+    }
+    let deadline = std::time::Instant::now() + limit;
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    while proc.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn tail(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+impl Driver for GvisorDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Gvisor
+    }
+
+    fn start(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        self.cold_start(sb)
+    }
+
+    fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<CheckpointMode, DriverError> {
+        let id = &sb.layout.id;
+        let t0 = std::time::Instant::now();
+        let sandbox_pid = self.state(id).map(|(_, pid)| pid).unwrap_or(-1);
+        let handle = tokio::runtime::Handle::current();
+        handle
+            .block_on(link.suspend())
+            .map_err(|e| DriverError::Link(e.to_string()))?;
+        let prepared = t0.elapsed();
+        let dir = sb.layout.checkpoint();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(DriverError::Rootfs)?;
+        // hangar-init closes its last host socket right after answering; a checkpoint that
+        // starts in that instant fails with "bound host socket" and is simply tried again.
+        let mut attempt = 0;
+        loop {
+            let r = cmd::run(
+                self.runsc()
+                    .args(["checkpoint", "-image-path"])
+                    .arg(&dir)
+                    .arg(id),
+            );
+            match r {
+                Ok(_) => break,
+                Err(e) if attempt < 20 && self.status(id).as_deref() == Some("running") => {
+                    tracing::debug!(sandbox = %id, error = %e, "checkpoint refused, retrying");
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    // Still running (or not): hangar-init has let go of its sockets either way;
+                    // have it bind them again so that the sandbox stays usable.
+                    let _ = cmd::run(self.runsc().args(["kill", id, "USR2"]));
+                    return Err(DriverError::Checkpoint(e));
+                }
+            }
+        }
+        let checkpointed = t0.elapsed();
+        std::fs::write(dir.join(COMPLETE), b"").map_err(DriverError::Rootfs)?;
+        // `runsc delete` polls slowly for a sandbox process that has not gone yet; it exits
+        // right after the checkpoint (and the reaper collects it), so wait for that here.
+        wait_gone(sandbox_pid, Duration::from_secs(3));
+        self.delete(id);
+        mounts::unmount_rootfs(sb)?;
+        tracing::debug!(sandbox = %id, ?prepared, ?checkpointed, total = ?t0.elapsed(), attempts = attempt + 1, "gvisor suspend");
+        Ok(CheckpointMode::Memory)
+    }
+
+    fn resume(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        let dir = sb.layout.checkpoint();
+        if !dir.join(COMPLETE).exists() {
+            // Nothing to restore (a checkpoint never completed): start afresh on the same files.
+            return self.cold_start(sb);
+        }
+        mounts::mount_rootfs(sb)?;
+        oci::write_bundle(sb, Flavor::Runsc)?;
+        self.delete(&sb.layout.id);
+        let bundle = sb.layout.bundle();
+        self.launch(
+            sb,
+            &[
+                "restore",
+                "-detach",
+                "-bundle",
+                &bundle.to_string_lossy(),
+                "-image-path",
+                &dir.to_string_lossy(),
+            ],
+        )
+        .map_err(DriverError::Restore)?;
+        cmd::run(self.runsc().args(["kill", &sb.layout.id, "USR2"]))
+            .map_err(DriverError::Restore)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        let id = &sb.layout.id;
+        if self.status(id).as_deref() == Some("running") {
+            let _ = cmd::run(self.runsc().args(["kill", id, "KILL"]));
+        }
+        self.delete(id);
+        mounts::unmount_rootfs(sb)
+    }
+
+    fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError> {
+        if self.status(&sb.layout.id).as_deref() == Some("running")
+            && sb.layout.control_socket().exists()
+        {
+            return Ok(Recovered::Adopted);
+        }
+        self.destroy(sb)?;
+        Ok(Recovered::Stopped)
+    }
+}

@@ -1,0 +1,199 @@
+//! The client side of the link to `hangar-init`: HTTP/1.1 over the sandbox's `control.sock`,
+//! authenticated with the sandbox's secret. The protocol is in `hangar_proto::init`.
+//!
+//! The run directory is writable from inside the sandbox, so the socket path is checked to
+//! be a socket (not a symlink planted by the agent) before every connect.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+use hangar_proto::init::{InitExecEvent, InitHealth};
+use hangar_proto::sandbox::ExecRequest;
+use hangar_proto::ErrorBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body streamed to `hangar-init`.
+pub type LinkBody = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("sandbox is not reachable: {0}")]
+    Connect(String),
+    #[error("talking to hangar-init: {0}")]
+    Http(String),
+    /// `hangar-init` answered with an error; its status and body are the caller's to relay.
+    #[error("{}", .body.error.message)]
+    Status { status: StatusCode, body: ErrorBody },
+    #[error("unreadable answer from hangar-init: {0}")]
+    Decode(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct InitLink {
+    socket: PathBuf,
+    secret: String,
+}
+
+impl InitLink {
+    pub fn new(socket: PathBuf, secret: String) -> InitLink {
+        InitLink { socket, secret }
+    }
+
+    /// Sends one request on a fresh connection (a unix connect costs microseconds, and a
+    /// connection per request keeps no host socket open between calls, which gVisor's
+    /// checkpoint needs).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: LinkBody,
+    ) -> Result<Response<Incoming>, LinkError> {
+        match std::fs::symlink_metadata(&self.socket) {
+            Ok(m) if m.file_type().is_socket() => {}
+            Ok(_) => return Err(LinkError::Connect("control.sock is not a socket".into())),
+            Err(e) => return Err(LinkError::Connect(e.to_string())),
+        }
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| LinkError::Connect(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| LinkError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "init link connection ended");
+            }
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "hangar-init")
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.secret),
+            )
+            .body(body)
+            .map_err(|e| LinkError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| LinkError::Http(e.to_string()))?;
+        if resp.status().is_client_error() || resp.status().is_server_error() {
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| LinkError::Http(e.to_string()))?
+                .to_bytes();
+            let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                ErrorBody::new(
+                    "sandbox_error",
+                    String::from_utf8_lossy(&bytes).trim().to_string(),
+                )
+            });
+            return Err(LinkError::Status { status, body });
+        }
+        Ok(resp)
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: LinkBody,
+    ) -> Result<T, LinkError> {
+        let resp = self.request(method, path, body).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| LinkError::Http(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| LinkError::Decode(e.to_string()))
+    }
+
+    pub async fn health(&self) -> Result<InitHealth, LinkError> {
+        self.json(Method::GET, "/health", empty()).await
+    }
+
+    /// Asks `hangar-init` to sync and close every host socket before a memory checkpoint.
+    pub async fn suspend(&self) -> Result<(), LinkError> {
+        let resp = self.request(Method::POST, "/suspend", empty()).await?;
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| LinkError::Http(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Starts a process; the events arrive as the process produces output.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecStream, LinkError> {
+        let body = serde_json::to_vec(req).expect("exec request serialises");
+        let resp = self.request(Method::POST, "/exec", full(body)).await?;
+        Ok(ExecStream {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            done: false,
+        })
+    }
+}
+
+pub fn empty() -> LinkBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> LinkBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The NDJSON event stream of one exec.
+pub struct ExecStream {
+    body: Incoming,
+    buf: BytesMut,
+    done: bool,
+}
+
+impl ExecStream {
+    /// The next event, or `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Result<InitExecEvent, LinkError>> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                let line = &line[..line.len() - 1];
+                if line.is_empty() {
+                    continue;
+                }
+                return Some(
+                    serde_json::from_slice(line).map_err(|e| LinkError::Decode(e.to_string())),
+                );
+            }
+            if self.done {
+                return None;
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Some(Err(LinkError::Http(e.to_string()))),
+                None => {
+                    self.done = true;
+                    if !self.buf.is_empty() {
+                        self.buf.extend_from_slice(b"\n");
+                    }
+                }
+            }
+        }
+    }
+}

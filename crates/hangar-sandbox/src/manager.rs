@@ -1,0 +1,645 @@
+//! `Sandboxes`: the sandbox service. It owns every sandbox's record and state machine,
+//! picks the driver, prepares the volume and the link, runs the egress proxy, and recovers
+//! everything after a restart. Driver calls run on blocking threads; one lock per sandbox
+//! serialises its lifecycle operations while exec and files calls run concurrently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use hangar_image::{ImageStore, ResolveError};
+use hangar_proto::init::{InitConfig, ProcessDefaults, ProcessSpec, DEFAULT_AGENT_PORT};
+use hangar_proto::sandbox::{Checkpoint, CreateSandbox, DriverKind, Sandbox, SandboxState};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+use crate::container::ContainerDriver;
+use crate::driver::{Driver, DriverError, Layout, Recovered, SandboxSpec};
+use crate::egress::{self, EgressPolicy};
+use crate::gvisor::GvisorDriver;
+use crate::link::{ExecStream, InitLink, LinkError};
+use crate::probe::{probe_host, HostProbe};
+use crate::record::{now_rfc3339, Record};
+use crate::volume;
+
+/// How long a sandbox may take from start to a `hangar-init` that answers.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// The `hangar-init` binary to inject into sandboxes.
+    pub init_binary: PathBuf,
+    /// Addresses no sandbox may reach through the egress proxy (Hangar's own listeners).
+    pub forbidden: Vec<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("no sandbox {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DriverError> for SandboxError {
+    fn from(e: DriverError) -> Self {
+        SandboxError::Internal(error_chain(&e))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+struct Entry {
+    record: Mutex<Record>,
+    egress: StdMutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    cfg: Config,
+    root: PathBuf,
+    init_dir: PathBuf,
+    images: Arc<ImageStore>,
+    probe: HostProbe,
+    drivers: HashMap<DriverKind, Arc<dyn Driver>>,
+    entries: StdMutex<HashMap<String, Arc<Entry>>>,
+}
+
+#[derive(Clone)]
+pub struct Sandboxes {
+    inner: Arc<Inner>,
+}
+
+impl Sandboxes {
+    /// Opens the data directory and recovers every sandbox recorded there.
+    pub async fn open(cfg: Config) -> Result<Sandboxes, SandboxError> {
+        let root = cfg.data_dir.join("sandboxes");
+        let init_dir = cfg.data_dir.join("lib").join("init");
+        for d in [&root, &init_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| SandboxError::Internal(format!("creating {}: {e}", d.display())))?;
+        }
+        install_init(&cfg.init_binary, &init_dir)?;
+        crate::reaper::install()
+            .map_err(|e| SandboxError::Internal(format!("becoming a child subreaper: {e}")))?;
+        let images = Arc::new(
+            ImageStore::open(cfg.data_dir.join("images"))
+                .map_err(|e| SandboxError::Internal(error_chain(&e)))?,
+        );
+        let probe = tokio::task::spawn_blocking(probe_host)
+            .await
+            .map_err(|e| SandboxError::Internal(e.to_string()))?;
+        let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
+        drivers.insert(DriverKind::Gvisor, Arc::new(GvisorDriver::new()));
+        drivers.insert(DriverKind::Container, Arc::new(ContainerDriver::new()));
+        let inner = Inner {
+            cfg,
+            root,
+            init_dir,
+            images,
+            probe,
+            drivers,
+            entries: StdMutex::new(HashMap::new()),
+        };
+        let me = Sandboxes {
+            inner: Arc::new(inner),
+        };
+        me.recover().await;
+        Ok(me)
+    }
+
+    pub fn probe(&self) -> &HostProbe {
+        &self.inner.probe
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<Entry>, SandboxError> {
+        self.inner
+            .entries
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(id.to_owned()))
+    }
+
+    fn layout(&self, id: &str) -> Layout {
+        Layout::new(&self.inner.root, id)
+    }
+
+    fn driver(&self, kind: DriverKind) -> Result<Arc<dyn Driver>, SandboxError> {
+        self.inner
+            .drivers
+            .get(&kind)
+            .cloned()
+            .ok_or_else(|| SandboxError::Unavailable(format!("driver {kind} is not built yet")))
+    }
+
+    /// Runs a driver operation on a blocking thread with the sandbox's spec.
+    async fn drive<R: Send + 'static>(
+        &self,
+        rec: &Record,
+        f: impl FnOnce(&dyn Driver, &SandboxSpec) -> R + Send + 'static,
+    ) -> Result<R, SandboxError> {
+        let driver = self.driver(rec.sandbox.driver)?;
+        let layout = self.layout(&rec.sandbox.id);
+        let image = rec.image();
+        let resources = rec.sandbox.resources.clone();
+        let init_dir = self.inner.init_dir.clone();
+        let init = init_config(rec);
+        tokio::task::spawn_blocking(move || {
+            let spec = SandboxSpec {
+                layout: &layout,
+                image: &image,
+                resources: &resources,
+                init_dir: &init_dir,
+                init: &init,
+            };
+            f(driver.as_ref(), &spec)
+        })
+        .await
+        .map_err(|e| SandboxError::Internal(format!("driver task failed: {e}")))
+    }
+
+    fn link(&self, rec: &Record) -> InitLink {
+        InitLink::new(
+            self.layout(&rec.sandbox.id).control_socket(),
+            rec.secret.clone(),
+        )
+    }
+
+    fn save(&self, rec: &Record) -> Result<(), SandboxError> {
+        rec.save(&self.layout(&rec.sandbox.id).record())
+            .map_err(|e| SandboxError::Internal(format!("saving the sandbox record: {e}")))
+    }
+
+    pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, SandboxError> {
+        let kind = match req.driver {
+            DriverKind::Auto => self.inner.probe.auto.ok_or_else(|| {
+                SandboxError::Unavailable(
+                    "no sandbox driver works on this host; run `hangar doctor`".into(),
+                )
+            })?,
+            k => {
+                self.inner
+                    .probe
+                    .available(k)
+                    .map_err(SandboxError::Unavailable)?;
+                k
+            }
+        };
+        let r = &req.resources;
+        if !(r.cpus > 0.0 && r.cpus <= 256.0) || r.memory_mib < 16 || r.disk_mib < 16 || r.pids < 8
+        {
+            return Err(SandboxError::Invalid(
+                "resources out of range: cpus must be > 0, memory_mib >= 16, disk_mib >= 16, pids >= 8".into(),
+            ));
+        }
+        if req.command.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(SandboxError::Invalid(
+                "command must not be empty; omit it to use the image's".into(),
+            ));
+        }
+        EgressPolicy::new(&req.egress, vec![]).map_err(SandboxError::Invalid)?;
+        let path = PathBuf::from(&req.image);
+        let images = self.inner.images.clone();
+        let image = tokio::task::spawn_blocking(move || images.resolve(&path))
+            .await
+            .map_err(|e| SandboxError::Internal(e.to_string()))?
+            .map_err(|e: ResolveError| {
+                if e.is_user_error() {
+                    SandboxError::Invalid(error_chain(&e))
+                } else {
+                    SandboxError::Internal(error_chain(&e))
+                }
+            })?;
+
+        let id = format!("sb-{}", random_hex(6));
+        let sandbox = Sandbox {
+            id: id.clone(),
+            driver: kind,
+            state: SandboxState::Creating,
+            image: req.image.clone(),
+            resources: req.resources.clone(),
+            egress: req.egress.clone(),
+            created_at: now_rfc3339(),
+            checkpoint: None,
+            error: None,
+        };
+        let rec = Record {
+            sandbox,
+            secret: random_hex(32),
+            env: req.env.clone(),
+            command: req.command.clone(),
+            image_id: image.id.clone(),
+            layers: image.layers.clone(),
+            image_config: image.config.clone(),
+        };
+        let layout = self.layout(&id);
+        std::fs::create_dir_all(layout.run_dir())
+            .map_err(|e| SandboxError::Internal(format!("creating the sandbox directory: {e}")))?;
+        self.save(&rec)?;
+        let entry = Arc::new(Entry {
+            record: Mutex::new(rec.clone()),
+            egress: StdMutex::new(None),
+        });
+        self.inner
+            .entries
+            .lock()
+            .unwrap()
+            .insert(id.clone(), entry.clone());
+        let mut guard = entry.record.lock().await;
+
+        let started = async {
+            let img = layout.volume_image();
+            let size = rec.sandbox.resources.disk_mib;
+            tokio::task::spawn_blocking(move || volume::create(&img, size))
+                .await
+                .map_err(|e| SandboxError::Internal(e.to_string()))?
+                .map_err(|e| SandboxError::Internal(error_chain(&e)))?;
+            self.start_egress(&entry, &rec)?;
+            self.drive(&rec, |d, sb| d.start(sb)).await??;
+            self.wait_ready(&rec).await
+        }
+        .await;
+        match started {
+            Ok(()) => {
+                guard.sandbox.state = SandboxState::Running;
+                self.save(&guard)?;
+                Ok(guard.sandbox.clone())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "sandbox failed to start");
+                drop(guard);
+                let _ = self.remove(&id, &entry).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn start_egress(&self, entry: &Entry, rec: &Record) -> Result<(), SandboxError> {
+        let layout = self.layout(&rec.sandbox.id);
+        let policy = EgressPolicy::new(&rec.sandbox.egress, self.inner.cfg.forbidden.clone())
+            .map_err(SandboxError::Invalid)?;
+        let path = layout.egress_socket();
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| SandboxError::Internal(format!("binding {}: {e}", path.display())))?;
+        let task = tokio::spawn(egress::serve(
+            listener,
+            Arc::new(policy),
+            rec.sandbox.id.clone(),
+        ));
+        if let Some(old) = entry.egress.lock().unwrap().replace(task) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    fn stop_egress(&self, entry: &Entry, id: &str) {
+        if let Some(task) = entry.egress.lock().unwrap().take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(self.layout(id).egress_socket());
+    }
+
+    /// Waits until `hangar-init` answers on `control.sock`.
+    async fn wait_ready(&self, rec: &Record) -> Result<(), SandboxError> {
+        let link = self.link(rec);
+        let sock = self.layout(&rec.sandbox.id).control_socket();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::from("control.sock never appeared");
+        while Instant::now() < deadline {
+            if sock.exists() {
+                match link.health().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let log =
+            std::fs::read_to_string(self.layout(&rec.sandbox.id).console_log()).unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .take(10)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(SandboxError::Internal(format!(
+            "hangar-init did not answer within {READY_TIMEOUT:?} ({last}); console:\n{}",
+            tail.join("\n")
+        )))
+    }
+
+    pub async fn list(&self) -> Vec<Sandbox> {
+        let entries: Vec<Arc<Entry>> = self
+            .inner
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            out.push(e.record.lock().await.sandbox.clone());
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        Ok(self.entry(id)?.record.lock().await.sandbox.clone())
+    }
+
+    /// The link to a running sandbox's `hangar-init`, for exec and files.
+    pub async fn running_link(&self, id: &str) -> Result<InitLink, SandboxError> {
+        let entry = self.entry(id)?;
+        let rec = entry.record.lock().await;
+        if rec.sandbox.state != SandboxState::Running {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox {id} is {}; resume it first",
+                serde_json::to_value(rec.sandbox.state)
+                    .unwrap()
+                    .as_str()
+                    .unwrap_or("not running")
+            )));
+        }
+        Ok(self.link(&rec))
+    }
+
+    pub async fn exec(
+        &self,
+        id: &str,
+        req: &hangar_proto::sandbox::ExecRequest,
+    ) -> Result<ExecStream, SandboxError> {
+        if req.cmd.is_empty() {
+            return Err(SandboxError::Invalid("cmd must name a program".into()));
+        }
+        let link = self.running_link(id).await?;
+        Ok(link.exec(req).await?)
+    }
+
+    pub async fn suspend(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let entry = self.entry(id)?;
+        let mut rec = entry.record.lock().await;
+        match rec.sandbox.state {
+            SandboxState::Running => {}
+            SandboxState::Suspended => return Ok(rec.sandbox.clone()),
+            s => {
+                return Err(SandboxError::Conflict(
+                    format!("sandbox {id} cannot be suspended while {s:?}").to_lowercase(),
+                ))
+            }
+        }
+        let t0 = Instant::now();
+        rec.sandbox.state = SandboxState::Suspending;
+        self.save(&rec)?;
+        let link = self.link(&rec);
+        let result = self.drive(&rec, move |d, sb| d.suspend(sb, &link)).await?;
+        let mode = match result {
+            Ok(mode) => mode,
+            Err(e) => {
+                // The sandbox may still be running (e.g. the checkpoint was refused); say so.
+                rec.sandbox.state = SandboxState::Running;
+                self.save(&rec)?;
+                return Err(e.into());
+            }
+        };
+        self.stop_egress(&entry, id);
+        let layout = self.layout(id);
+        let (bytes, hash) = tokio::task::spawn_blocking(move || checkpoint_digest(&layout))
+            .await
+            .map_err(|e| SandboxError::Internal(e.to_string()))?
+            .map_err(|e| SandboxError::Internal(format!("hashing the checkpoint: {e}")))?;
+        rec.sandbox.checkpoint = Some(Checkpoint {
+            mode,
+            bytes,
+            hash,
+            took_ms: t0.elapsed().as_millis() as u64,
+            created_at: now_rfc3339(),
+        });
+        rec.sandbox.state = SandboxState::Suspended;
+        self.save(&rec)?;
+        Ok(rec.sandbox.clone())
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let entry = self.entry(id)?;
+        let mut rec = entry.record.lock().await;
+        match rec.sandbox.state {
+            SandboxState::Suspended => {}
+            SandboxState::Running => return Ok(rec.sandbox.clone()),
+            s => {
+                return Err(SandboxError::Conflict(
+                    format!("sandbox {id} cannot be resumed while {s:?}").to_lowercase(),
+                ))
+            }
+        }
+        rec.sandbox.state = SandboxState::Resuming;
+        self.save(&rec)?;
+        self.start_egress(&entry, &rec)?;
+        let started = match self.drive(&rec, |d, sb| d.resume(sb)).await? {
+            Ok(()) => self.wait_ready(&rec).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = started {
+            rec.sandbox.state = SandboxState::Failed;
+            rec.sandbox.error = Some(e.to_string());
+            self.save(&rec)?;
+            return Err(e);
+        }
+        rec.sandbox.state = SandboxState::Running;
+        rec.sandbox.error = None;
+        self.save(&rec)?;
+        Ok(rec.sandbox.clone())
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), SandboxError> {
+        let entry = self.entry(id)?;
+        self.remove(id, &entry).await
+    }
+
+    async fn remove(&self, id: &str, entry: &Arc<Entry>) -> Result<(), SandboxError> {
+        let mut rec = entry.record.lock().await;
+        self.stop_egress(entry, id);
+        self.drive(&rec, |d, sb| d.destroy(sb)).await??;
+        rec.sandbox.state = SandboxState::Deleted;
+        let dir = self.layout(id).dir;
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .map_err(|e| SandboxError::Internal(e.to_string()))?
+            .map_err(|e| SandboxError::Internal(format!("removing the sandbox's files: {e}")))?;
+        self.inner.entries.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// Re-reads every record after a restart: running sandboxes are adopted or started
+    /// again on their files; interrupted transitions are settled.
+    async fn recover(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.inner.root) else {
+            return;
+        };
+        for d in dir.flatten() {
+            let id = d.file_name().to_string_lossy().into_owned();
+            let layout = self.layout(&id);
+            let mut rec = match Record::load(&layout.record()) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "unreadable sandbox record; leaving its files alone");
+                    continue;
+                }
+            };
+            let entry = Arc::new(Entry {
+                record: Mutex::new(rec.clone()),
+                egress: StdMutex::new(None),
+            });
+            self.inner
+                .entries
+                .lock()
+                .unwrap()
+                .insert(id.clone(), entry.clone());
+            let outcome = self.recover_one(&entry, &mut rec).await;
+            if let Err(e) = outcome {
+                tracing::warn!(sandbox = %id, error = %e, "could not recover sandbox");
+                rec.sandbox.state = SandboxState::Failed;
+                rec.sandbox.error = Some(format!("recovery failed: {e}"));
+                let _ = self.save(&rec);
+            }
+            tracing::info!(sandbox = %id, state = ?rec.sandbox.state, "recovered sandbox");
+            *entry.record.lock().await = rec;
+        }
+    }
+
+    async fn recover_one(&self, entry: &Entry, rec: &mut Record) -> Result<(), SandboxError> {
+        match rec.sandbox.state {
+            SandboxState::Suspended | SandboxState::Failed | SandboxState::Deleted => Ok(()),
+            SandboxState::Creating
+            | SandboxState::Running
+            | SandboxState::Resuming
+            | SandboxState::Suspending => {
+                let was = rec.sandbox.state;
+                match self.drive(rec, |d, sb| d.recover(sb)).await?? {
+                    Recovered::Adopted => {
+                        self.start_egress(entry, rec)?;
+                        rec.sandbox.state = SandboxState::Running;
+                    }
+                    Recovered::Stopped if was == SandboxState::Suspending => {
+                        // The suspend got as far as stopping it: what is on disk is the checkpoint.
+                        rec.sandbox.state = SandboxState::Suspended;
+                    }
+                    Recovered::Stopped => {
+                        self.start_egress(entry, rec)?;
+                        self.drive(rec, |d, sb| d.resume(sb)).await??;
+                        self.wait_ready(rec).await?;
+                        rec.sandbox.state = SandboxState::Running;
+                    }
+                }
+                self.save(rec)
+            }
+        }
+    }
+}
+
+/// The agent process and exec defaults that `hangar-init` gets on a cold start.
+fn init_config(rec: &Record) -> InitConfig {
+    let cfg = &rec.image_config;
+    let argv = match &rec.command {
+        Some(c) => c.clone(),
+        None => cfg
+            .entrypoint
+            .iter()
+            .chain(cfg.cmd.iter())
+            .cloned()
+            .collect(),
+    };
+    let mut env: BTreeMap<String, String> = cfg
+        .env
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    env.extend(rec.env.clone());
+    InitConfig {
+        secret: rec.secret.clone(),
+        agent: (!argv.is_empty()).then_some(ProcessSpec { argv }),
+        agent_port: env
+            .get("PORT")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(DEFAULT_AGENT_PORT),
+        defaults: ProcessDefaults {
+            env,
+            user: cfg.user.clone(),
+            cwd: cfg.working_dir.clone(),
+        },
+    }
+}
+
+/// Bytes on disk and a content hash of what a suspended sandbox keeps: its volume and, for
+/// memory checkpoints, the checkpoint image.
+fn checkpoint_digest(layout: &Layout) -> std::io::Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let mut bytes = volume::allocated_bytes(&layout.volume_image());
+    volume::hash_sparse(&layout.volume_image(), &mut hasher)?;
+    if let Ok(dir) = std::fs::read_dir(layout.checkpoint()) {
+        let mut files: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            hasher.update(f.file_name().unwrap().as_encoded_bytes());
+            let mut file = std::fs::File::open(&f)?;
+            bytes += volume::allocated_bytes(&f);
+            std::io::copy(&mut file, &mut hasher)?;
+        }
+    }
+    Ok((bytes, format!("sha256:{}", hex::encode(hasher.finalize()))))
+}
+
+/// Copies `hangar-init` where sandboxes mount it from. A copy, not the build output itself,
+/// so that rebuilding Hangar never changes a binary a running sandbox has mounted.
+fn install_init(binary: &Path, dir: &Path) -> Result<(), SandboxError> {
+    let dest = dir.join("hangar-init");
+    let tmp = dir.join(".hangar-init.tmp");
+    std::fs::copy(binary, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, &dest))
+        .map_err(|e| {
+            SandboxError::Internal(format!(
+                "installing hangar-init from {}: {e}",
+                binary.display()
+            ))
+        })?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf).expect("the OS random source works");
+    hex::encode(buf)
+}

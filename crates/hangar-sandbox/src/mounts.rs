@@ -1,0 +1,117 @@
+//! Host mounts for drivers whose sandbox root is a host overlayfs: the volume on a loop
+//! device, and the overlay of the image layers (read-only, shared) under the volume's
+//! `upper` directory (the sandbox's writable layer).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::cmd;
+use crate::driver::{DriverError, SandboxSpec};
+
+/// Whether something is mounted exactly at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(&*want))
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Mounts the volume and the overlay root; a no-op for what is mounted already.
+pub fn mount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
+    let l = sb.layout;
+    let vol = l.volume_mount();
+    std::fs::create_dir_all(&vol).map_err(DriverError::Rootfs)?;
+    if !is_mounted(&vol) {
+        cmd::run(
+            Command::new("mount")
+                .args(["-t", "ext4", "-o", "loop,noinit_itable,nodev,nosuid"])
+                .arg(l.volume_image())
+                .arg(&vol),
+        )
+        .map_err(|source| DriverError::Mount {
+            what: "the volume",
+            source,
+        })?;
+    }
+    let upper = vol.join("upper");
+    let work = vol.join("work");
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).map_err(DriverError::Rootfs)?;
+    }
+    let rootfs = l.rootfs();
+    std::fs::create_dir_all(&rootfs).map_err(DriverError::Rootfs)?;
+    if is_mounted(&rootfs) {
+        return Ok(());
+    }
+    let lower: Vec<String> = sb
+        .image
+        .layers
+        .iter()
+        .rev()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| DriverError::Mount {
+        what: "the overlay root",
+        source: cmd::CmdError::Failed {
+            program: "mount overlay".into(),
+            status: e.to_string(),
+            stderr: opts.clone(),
+        },
+    })?;
+    Ok(())
+}
+
+/// Unmounts the overlay root and the volume (which frees its loop device). Idempotent.
+pub fn unmount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
+    let l = sb.layout;
+    for p in [l.rootfs(), l.volume_mount()] {
+        unmount(&p)?;
+    }
+    Ok(())
+}
+
+fn unmount(p: &PathBuf) -> Result<(), DriverError> {
+    // A mount can be stacked more than once after a crash; unmount until nothing is left.
+    for _ in 0..8 {
+        if !is_mounted(p) {
+            return Ok(());
+        }
+        if let Err(e) = umount2(p.as_path(), MntFlags::empty()) {
+            if e == nix::errno::Errno::EBUSY {
+                // Something (a dying runtime process) still holds it; detach it instead so
+                // that it goes away with its last user.
+                let _ = umount2(p.as_path(), MntFlags::MNT_DETACH);
+            } else if e != nix::errno::Errno::EINVAL {
+                return Err(DriverError::Other(format!(
+                    "unmounting {}: {e}",
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

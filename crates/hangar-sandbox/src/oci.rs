@@ -1,0 +1,158 @@
+//! The OCI runtime bundle shared by the `container` and `gvisor` drivers: `hangar-init` as
+//! PID 1, the overlay root, `/run/hangar` and `/.hangar` bind mounts, namespaces and limits.
+//!
+//! Nothing else from the host is mounted into a sandbox: adding a mount here widens what
+//! untrusted code can see, so each one must be named in DESIGN.md.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder,
+};
+
+use crate::driver::{DriverError, SandboxSpec};
+
+/// Which runtime reads the bundle; they differ in what they support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Crun,
+    Runsc,
+}
+
+/// The capabilities of a process in the sandbox: Docker's default set. `hangar-init` needs
+/// SETUID/SETGID to run the agent as the image's user and the file ones to serve the files API.
+const CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+pub fn write_bundle(sb: &SandboxSpec, flavor: Flavor) -> Result<(), DriverError> {
+    let spec = build_spec(sb, flavor)
+        .map_err(|e| DriverError::Other(format!("building the OCI spec: {e}")))?;
+    let dir = sb.layout.bundle();
+    std::fs::create_dir_all(&dir).map_err(DriverError::Bundle)?;
+    let tmp = dir.join("config.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&spec).expect("spec serialises"),
+    )
+    .map_err(DriverError::Bundle)?;
+    std::fs::rename(&tmp, dir.join("config.json")).map_err(DriverError::Bundle)?;
+    Ok(())
+}
+
+fn build_spec(sb: &SandboxSpec, flavor: Flavor) -> Result<Spec, oci_spec::OciSpecError> {
+    let caps: HashSet<Capability> = CAPS.iter().copied().collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .build()?;
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
+        .args(vec![format!(
+            "{}/hangar-init",
+            hangar_proto::init::INIT_DIR_IN_SANDBOX
+        )])
+        .env(vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ])
+        .cwd("/")
+        .no_new_privileges(true)
+        .capabilities(capabilities)
+        // The open-files limit is inherited from `hangar serve`, whose limit the operator sets.
+        .rlimits(Vec::new())
+        .build()?;
+
+    let mut mounts: Vec<Mount> = oci_spec::runtime::get_default_mounts();
+    if flavor == Flavor::Runsc {
+        // gVisor provides its own /sys and cgroup view; the default cgroup mount is not
+        // something it accepts from a bundle.
+        mounts.retain(|m| m.destination() != &PathBuf::from("/sys/fs/cgroup"));
+    }
+    mounts.push(bind(
+        sb.layout.run_dir(),
+        hangar_proto::init::RUN_DIR_IN_SANDBOX,
+        false,
+    )?);
+    mounts.push(bind(
+        sb.init_dir.to_path_buf(),
+        hangar_proto::init::INIT_DIR_IN_SANDBOX,
+        true,
+    )?);
+
+    let r = sb.resources;
+    let memory = (r.memory_mib * 1024 * 1024) as i64;
+    let period = 100_000u64;
+    let resources = LinuxResourcesBuilder::default()
+        .memory(
+            LinuxMemoryBuilder::default()
+                .limit(memory)
+                .swap(memory)
+                .build()?,
+        )
+        .cpu(
+            LinuxCpuBuilder::default()
+                .period(period)
+                .quota((r.cpus * period as f64) as i64)
+                .build()?,
+        )
+        .pids(LinuxPidsBuilder::default().limit(r.pids as i64).build()?)
+        .build()?;
+    let namespaces = oci_spec::runtime::get_default_namespaces()
+        .into_iter()
+        // cgroup v1 hosts (this one) and gVisor both do without a cgroup namespace.
+        .filter(|n| n.typ() != LinuxNamespaceType::Cgroup)
+        .collect::<Vec<_>>();
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .resources(resources)
+        .masked_paths(oci_spec::runtime::get_default_maskedpaths())
+        .readonly_paths(oci_spec::runtime::get_default_readonly_paths());
+    if flavor == Flavor::Crun {
+        linux = linux.cgroups_path(PathBuf::from(format!("/hangar/{}", sb.layout.id)));
+    }
+    let mut spec = Spec::default();
+    spec.set_hostname(Some("sandbox".into()))
+        .set_process(Some(process))
+        .set_root(Some(
+            RootBuilder::default()
+                .path(sb.layout.rootfs())
+                .readonly(false)
+                .build()?,
+        ))
+        .set_mounts(Some(mounts))
+        .set_linux(Some(linux.build()?));
+    Ok(spec)
+}
+
+fn bind(source: PathBuf, dest: &str, readonly: bool) -> Result<Mount, oci_spec::OciSpecError> {
+    let mut options = vec![
+        "rbind".to_string(),
+        "nosuid".to_string(),
+        "nodev".to_string(),
+    ];
+    options.push(if readonly { "ro" } else { "rw" }.to_string());
+    MountBuilder::default()
+        .destination(dest)
+        .typ("bind")
+        .source(source)
+        .options(options)
+        .build()
+}

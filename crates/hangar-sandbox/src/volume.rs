@@ -1,0 +1,93 @@
+//! The session volume: a sparse ext4 image per sandbox whose size is the disk limit.
+//!
+//! Every driver keeps the sandbox's writable layer in this one file, so suspend, resume,
+//! hashing and deletion work the same way everywhere. Host-mounting drivers mount it with
+//! a loop device; the `vm` driver hands it to the guest as a disk.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::cmd::{self, CmdError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("creating the volume image")]
+    Create(#[source] std::io::Error),
+    #[error("formatting the volume")]
+    Format(#[source] CmdError),
+}
+
+/// Creates a sparse ext4 image of `size_mib` MiB at `path`.
+pub fn create(path: &Path, size_mib: u64) -> Result<(), VolumeError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(VolumeError::Create)?;
+    file.set_len(size_mib * 1024 * 1024)
+        .map_err(VolumeError::Create)?;
+    drop(file);
+    // No reserved blocks: the sandbox owns the whole volume, so a full volume is ENOSPC for
+    // the agent, not for root only. Lazy table initialisation keeps the image sparse; the
+    // volume is mounted with `noinit_itable` so the kernel does not fill it in later.
+    cmd::run(
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            ])
+            .arg(path),
+    )
+    .map_err(VolumeError::Format)?;
+    Ok(())
+}
+
+/// Bytes the file really occupies on disk (sparse files count only their data).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Feeds the data extents of a sparse file (offset and bytes) into `hasher`, skipping holes,
+/// so that hashing a mostly empty 1 GiB volume reads only what was written.
+pub fn hash_sparse(path: &Path, hasher: &mut Sha256) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len() as i64;
+    let fd = file.as_raw_fd();
+    let mut pos: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        // SAFETY: plain lseek on a descriptor we own; the result is checked.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no more data after pos
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len } else { hole };
+        hasher.update(data.to_le_bytes());
+        file.seek(SeekFrom::Start(data as u64))?;
+        let mut left = (end - data) as usize;
+        while left > 0 {
+            let n = file.read(&mut buf[..left.min(1 << 20)])?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            left -= n;
+        }
+        pos = end;
+    }
+    Ok(())
+}

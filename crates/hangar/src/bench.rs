@@ -1,0 +1,289 @@
+//! `hangar bench sandbox`: Hangar's sandbox lifecycle against the raw runtime underneath,
+//! measured in the same run so that the ratios hold on a noisy, shared machine.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::json;
+
+use hangar_proto::sandbox::{ExecResult, Sandbox};
+
+use crate::client::Client;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// create-to-exec-ready, exec round trip, suspend and resume, against `crun run`/`runsc run`.
+    Sandbox(SandboxBench),
+}
+
+#[derive(Args)]
+pub struct SandboxBench {
+    #[arg(long, default_value = "container")]
+    driver: String,
+    /// A root filesystem directory with /bin/true (used by Hangar and by the raw baseline).
+    #[arg(long)]
+    image: String,
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Also create this many sandboxes, suspend them all and measure the host memory they hold.
+    #[arg(long, default_value_t = 0)]
+    suspended: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(url: &str, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Sandbox(b) => sandbox(&Client::new(url)?, b).await,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+struct Series {
+    name: &'static str,
+    samples: Vec<f64>,
+}
+
+impl Series {
+    fn new(name: &'static str) -> Series {
+        Series {
+            name,
+            samples: Vec::new(),
+        }
+    }
+    fn p(&self, p: f64) -> f64 {
+        let mut s = self.samples.clone();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        pct(&s, p)
+    }
+}
+
+async fn create(c: &Client, b: &SandboxBench) -> anyhow::Result<Sandbox> {
+    c.json(
+        Method::POST,
+        "/v1/sandboxes",
+        Some(json!({"driver": b.driver, "image": b.image, "resources": {"disk_mib": 64}})),
+    )
+    .await
+}
+
+async fn exec_true(c: &Client, id: &str) -> anyhow::Result<()> {
+    let r: ExecResult = c
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"cmd": ["true"]})),
+        )
+        .await?;
+    if r.exit_code != 0 {
+        bail!("`true` exited {} in {id}", r.exit_code);
+    }
+    Ok(())
+}
+
+/// Host memory in use (MemTotal - MemAvailable), in bytes.
+fn host_used() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    field("MemTotal:").saturating_sub(field("MemAvailable:"))
+}
+
+async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
+    let image =
+        std::fs::canonicalize(&b.image).with_context(|| format!("no image at {}", b.image))?;
+    if !image.join("bin/true").exists() && !image.join("usr/bin/true").exists() {
+        bail!("--image must be a root filesystem directory with /bin/true (the raw baseline runs it directly)");
+    }
+    let b = SandboxBench {
+        image: image.to_string_lossy().into_owned(),
+        ..b
+    };
+    let runs = b.runs.max(1);
+    let mut ready = Series::new("create-to-exec-ready");
+    let mut exec = Series::new("exec round trip (`true`)");
+    let mut suspend = Series::new("suspend");
+    let mut resume = Series::new("resume");
+    let mut raw = Series::new(if b.driver == "gvisor" {
+        "raw `runsc run` of true"
+    } else {
+        "raw `crun run` of true"
+    });
+
+    eprintln!("bench: {runs} runs on driver {}", b.driver);
+    let mut ids = Vec::new();
+    for i in 0..runs {
+        let t = Instant::now();
+        let sb = create(c, &b).await?;
+        exec_true(c, &sb.id).await?;
+        ready.samples.push(ms(t.elapsed()));
+        ids.push(sb.id);
+        let t = Instant::now();
+        raw_run(&b.driver, &image, i)?;
+        raw.samples.push(ms(t.elapsed()));
+    }
+    let id = ids[0].clone();
+    for _ in 0..runs.max(100) {
+        let t = Instant::now();
+        exec_true(c, &id).await?;
+        exec.samples.push(ms(t.elapsed()));
+    }
+    for _ in 0..runs {
+        let t = Instant::now();
+        let _: Sandbox = c
+            .json(Method::POST, &format!("/v1/sandboxes/{id}/suspend"), None)
+            .await?;
+        suspend.samples.push(ms(t.elapsed()));
+        let t = Instant::now();
+        let _: Sandbox = c
+            .json(Method::POST, &format!("/v1/sandboxes/{id}/resume"), None)
+            .await?;
+        exec_true(c, &id).await?;
+        resume.samples.push(ms(t.elapsed()));
+    }
+    for id in &ids {
+        c.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await?;
+    }
+
+    let mut suspended_mem = None;
+    if b.suspended > 0 {
+        eprintln!("bench: {} suspended sandboxes", b.suspended);
+        let before = host_used();
+        let mut many = Vec::new();
+        for _ in 0..b.suspended {
+            let sb = create(c, &b).await?;
+            exec_true(c, &sb.id).await?;
+            let _: Sandbox = c
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/suspend", sb.id),
+                    None,
+                )
+                .await?;
+            many.push(sb.id);
+        }
+        // Let freed memory settle before reading.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = host_used();
+        suspended_mem = Some(after.saturating_sub(before));
+        for id in &many {
+            c.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+                .await?;
+        }
+    }
+
+    let raw_p50 = raw.p(0.5);
+    let series = [&ready, &exec, &suspend, &resume, &raw];
+    if b.json {
+        let rows: Vec<_> = series
+            .iter()
+            .map(|s| json!({"name": s.name, "p50_ms": s.p(0.5), "p95_ms": s.p(0.95), "n": s.samples.len()}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "driver": b.driver, "series": rows,
+                "ready_vs_raw_p50": ready.p(0.5) / raw_p50,
+                "suspended": b.suspended, "suspended_host_bytes": suspended_mem,
+            }))?
+        );
+    } else {
+        println!("driver: {}", b.driver);
+        println!("{:<28} {:>10} {:>10} {:>5}", "", "p50 ms", "p95 ms", "n");
+        for s in series {
+            println!(
+                "{:<28} {:>10.2} {:>10.2} {:>5}",
+                s.name,
+                s.p(0.5),
+                s.p(0.95),
+                s.samples.len()
+            );
+        }
+        println!(
+            "create-to-exec-ready / raw run (p50): {:.2}x",
+            ready.p(0.5) / raw_p50
+        );
+        if let Some(m) = suspended_mem {
+            println!(
+                "{} suspended sandboxes hold {:.1} MiB of host memory",
+                b.suspended,
+                m as f64 / 1048576.0
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `/bin/true` with the bare runtime on the same root filesystem, read-only.
+fn raw_run(driver: &str, rootfs: &Path, i: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runtime = if driver == "gvisor" { "runsc" } else { "crun" };
+    let mut spec = Command::new(runtime);
+    spec.arg("spec").current_dir(dir.path());
+    if runtime == "runsc" {
+        spec.args(["--", "/bin/true"]);
+    }
+    let out = spec.output().context("generating a baseline OCI spec")?;
+    if !out.status.success() {
+        bail!(
+            "{runtime} spec failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    cfg["root"] = json!({"path": rootfs, "readonly": true});
+    cfg["process"]["args"] = json!(["/bin/true"]);
+    cfg["process"]["terminal"] = json!(false);
+    std::fs::write(&path, serde_json::to_vec(&cfg)?)?;
+    let id = format!("hangar-bench-raw-{}-{i}", std::process::id());
+    let status = if runtime == "runsc" {
+        Command::new("runsc")
+            .args([
+                "--root",
+                "/run/hangar-bench-runsc",
+                "--network=none",
+                "run",
+                "--bundle",
+            ])
+            .arg(dir.path())
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()?
+    } else {
+        let mut c = hangar_sandbox::container::ContainerDriver::new().crun_command();
+        c.args(["run", "--bundle"])
+            .arg(dir.path())
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()?
+    };
+    if !status.success() {
+        bail!("raw {runtime} run failed: {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! A small HTTP/1.1 client for Hangar's API (the CLI's only way to reach the server).
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+
+pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub struct Client {
+    /// `host:port`
+    authority: String,
+}
+
+impl Client {
+    pub fn new(url: &str) -> anyhow::Result<Client> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("HANGAR_URL must be an http:// URL, not {url:?}"))?;
+        let authority = rest.trim_end_matches('/').to_string();
+        if authority.is_empty() || authority.contains('/') {
+            bail!("HANGAR_URL must be http://HOST:PORT, not {url:?}");
+        }
+        Ok(Client { authority })
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the Hangar server at http://{} (is `hangar serve` running?)",
+                    self.authority
+                )
+            })?;
+        stream.set_nodelay(true)?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.authority);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Ok(sender.send_request(req.body(body)?).await?)
+    }
+
+    /// Sends a request and returns the body of a successful answer; an error answer becomes
+    /// an error carrying the server's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<Bytes> {
+        let (headers, body): (&[(&str, &str)], Body) = match body {
+            Some(v) => (
+                &[("content-type", "application/json")],
+                full(serde_json::to_vec(&v)?),
+            ),
+            None => (&[], empty()),
+        };
+        let resp = self.send(method, path, headers, body).await?;
+        check(resp).await
+    }
+
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        let bytes = self.call(method, path, body).await?;
+        serde_json::from_slice(&bytes).context("unreadable answer from the server")
+    }
+}
+
+/// The body of a 2xx answer, or the server's error message.
+pub async fn check(resp: Response<Incoming>) -> anyhow::Result<Bytes> {
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<hangar_proto::ErrorBody>(&bytes)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        bail!("{msg} (HTTP {status})");
+    }
+    Ok(bytes)
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Percent-encodes a query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

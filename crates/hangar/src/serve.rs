@@ -1,0 +1,80 @@
+//! `hangar serve`: opens the data directory, recovers sandboxes and serves the API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where Hangar keeps images, sandboxes and its state. Default: /var/lib/hangar for
+    /// root, else ~/.local/share/hangar.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// The hangar-init binary injected into sandboxes. Default: `hangar-init` beside this binary.
+    #[arg(long, env = "HANGAR_INIT")]
+    init: Option<PathBuf>,
+    /// The largest file upload accepted, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    max_upload_mib: u64,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
+    let init = match args.init {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("hangar-init"),
+    };
+    if !init.is_file() {
+        bail!(
+            "hangar-init not found at {}; build it (`cargo build -p hangar-init`) or pass --init",
+            init.display()
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("hangar serve must run as root: sandboxes need mounts, namespaces and cgroups (see `hangar doctor`)");
+    }
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let sandboxes = hangar_sandbox::Sandboxes::open(hangar_sandbox::Config {
+        data_dir: data_dir.clone(),
+        init_binary: init,
+        forbidden: vec![local],
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let app = hangar_api::router(hangar_api::AppState {
+        sandboxes,
+        max_upload: args.max_upload_mib * 1024 * 1024,
+    });
+    tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");
+    // Stopping the server leaves sandboxes running; the next `hangar serve` adopts them.
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down; sandboxes keep running");
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}

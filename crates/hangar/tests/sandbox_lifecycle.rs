@@ -1,0 +1,130 @@
+//! Per driver, through the HTTP API against the real runtime: create → exec → write a file →
+//! suspend → resume → read the file → (gvisor) a counter kept counting → delete, and nothing
+//! is left behind.
+
+mod common;
+
+use common::{assert_nothing_left, require, Rootfs, Server};
+use serde_json::json;
+
+const COUNTER: &str = "sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' >/dev/null 2>&1 &";
+
+fn counter(s: &Server, id: &str) -> u64 {
+    s.sh(id, "cat /tmp/counter").trim().parse().unwrap()
+}
+
+fn lifecycle(driver: &str) {
+    let rootfs = Rootfs::busybox();
+    let s = Server::start();
+    let id =
+        s.create(json!({"driver": driver, "image": rootfs.path(), "resources": {"disk_mib": 64}}));
+    let sb = s.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(sb["driver"], driver);
+    assert_eq!(sb["state"], "running");
+
+    let out = s.exec(&id, &["sh", "-c", "echo hi; echo err >&2; exit 3"]);
+    assert_eq!(out["stdout"], "hi\n");
+    assert_eq!(out["stderr"], "err\n");
+    assert_eq!(out["exit_code"], 3);
+
+    let w = s.raw(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files/content?path=/home/agent/notes.txt"),
+        b"remember the milk\n",
+    );
+    assert_eq!(w.status, 200, "{}", w.text());
+    s.sh(
+        &id,
+        "mkdir -p /var/lib/app && echo written-by-exec > /var/lib/app/state",
+    );
+    s.sh(&id, COUNTER);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let before = counter(&s, &id);
+    assert!(before > 0);
+
+    let sus = s.call("POST", &format!("/v1/sandboxes/{id}/suspend"), None);
+    assert_eq!(sus.status, 200, "{}", sus.text());
+    let sus = sus.json();
+    assert_eq!(sus["state"], "suspended");
+    let cp = &sus["checkpoint"];
+    assert_eq!(
+        cp["mode"],
+        if driver == "gvisor" {
+            "memory"
+        } else {
+            "filesystem"
+        }
+    );
+    assert!(cp["bytes"].as_u64().unwrap() > 0);
+    assert!(cp["hash"].as_str().unwrap().starts_with("sha256:"));
+    // While suspended nothing of it runs and exec is refused with a clear conflict.
+    let r = s.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(&json!({"cmd": ["true"]})),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+
+    let res = s.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(res.json()["state"], "running");
+    let r = s.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/files/content?path=/home/agent/notes.txt"),
+        None,
+    );
+    assert_eq!((r.status, r.text().as_str()), (200, "remember the milk\n"));
+    assert_eq!(s.sh(&id, "cat /var/lib/app/state"), "written-by-exec\n");
+
+    let after = counter(&s, &id);
+    if driver == "gvisor" {
+        // The process survived: it continues from where it was, not from 1.
+        assert!(after >= before, "counter went back: {before} -> {after}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            counter(&s, &id) > after,
+            "counter stopped counting after resume"
+        );
+    } else {
+        // Files only: the counter's last value is there, its process is not.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(
+            counter(&s, &id),
+            after,
+            "a process survived a filesystem-only suspend"
+        );
+    }
+
+    let listing = s
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path=/home/agent"),
+            None,
+        )
+        .json();
+    assert_eq!(listing["type"], "dir");
+    assert!(listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "notes.txt" && e["size"] == 18));
+
+    s.delete(&id);
+    assert_eq!(
+        s.call("GET", &format!("/v1/sandboxes/{id}"), None).status,
+        404
+    );
+    assert_nothing_left(&s, &id);
+}
+
+#[test]
+fn container_lifecycle() {
+    require("crun", "crun");
+    lifecycle("container");
+}
+
+#[test]
+fn gvisor_lifecycle() {
+    require("runsc", "runsc");
+    lifecycle("gvisor");
+}
