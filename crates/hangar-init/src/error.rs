@@ -95,6 +95,11 @@ impl From<SpawnError> for ApiError {
             SpawnError::NotExecutable(..)
             | SpawnError::IdentityDenied(..)
             | SpawnError::BadCwd(_) => ApiError::bad_request(e.to_string()),
+            SpawnError::ProcessLimit => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "process_limit",
+                e.to_string(),
+            ),
             SpawnError::Io(e) => ApiError::internal("starting process", e),
         }
     }

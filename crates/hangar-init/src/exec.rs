@@ -108,8 +108,10 @@ async fn relay(
             }
             _ = &mut kill_at, if code.is_none() && !timed_out => {
                 timed_out = true;
-                // setsid made the process the leader of its own group.
-                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                // setsid made the process the leader of its own group. Members forked while
+                // the signal is delivered escape one killpg (a fork bomb does this), so keep
+                // killing until the group is gone.
+                tokio::spawn(kill_group(pid as i32));
                 continue;
             }
             _ = &mut drain_until, if code.is_some() => break,
@@ -129,6 +131,16 @@ async fn relay(
             timed_out,
         }))
         .await;
+}
+
+/// Kills process group `pgid` until no member is left (or a second has passed).
+async fn kill_group(pgid: i32) {
+    for _ in 0..100 {
+        if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_err() {
+            return; // ESRCH: nothing left
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Reads one chunk; `None` at EOF or error. Pends forever on a closed pipe so that `select!`

@@ -18,6 +18,7 @@ pub mod control;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod guard;
 pub mod links;
 pub mod reaper;
 pub mod resolve;

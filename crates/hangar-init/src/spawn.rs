@@ -44,6 +44,8 @@ pub enum SpawnError {
     IdentityDenied(String, std::io::Error),
     /// The working directory does not exist or is not a directory (400).
     BadCwd(String),
+    /// The sandbox is at its process limit (503).
+    ProcessLimit,
     Io(std::io::Error),
 }
 
@@ -64,6 +66,10 @@ impl std::fmt::Display for SpawnError {
             SpawnError::BadCwd(d) => write!(
                 f,
                 "working directory {d:?} does not exist or is not a directory"
+            ),
+            SpawnError::ProcessLimit => write!(
+                f,
+                "the sandbox has reached its process limit (resources.pids); end some processes first"
             ),
             SpawnError::Io(e) => write!(f, "cannot start process: {e}"),
         }
@@ -234,6 +240,7 @@ pub fn spawn(
         // The executable was found above, so ENOENT is about what it needs to run.
         Some(libc::ENOENT) => SpawnError::MissingInterpreter(argv0.to_string()),
         Some(libc::EPERM) => SpawnError::IdentityDenied(argv0.to_string(), e),
+        Some(libc::EAGAIN) => SpawnError::ProcessLimit,
         Some(libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) => {
             SpawnError::NotExecutable(argv0.to_string(), e)
         }

@@ -39,6 +39,14 @@ pub fn main() -> i32 {
             log!("cannot create /dev/shm: {e}");
         }
     }
+    if let Some(limits) = config.guard {
+        if let Err(e) = std::thread::Builder::new()
+            .name("guard".into())
+            .spawn(move || crate::guard::run(limits))
+        {
+            log!("cannot start the memory and pids guard: {e}");
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -51,6 +51,18 @@ pub struct InitConfig {
     pub agent_port: u16,
     /// The defaults for exec: the image's environment, user and working directory.
     pub defaults: ProcessDefaults,
+    /// Limits `hangar-init` enforces itself, for sandbox kernels that do not (gVisor has no
+    /// OOM killer of its own: without this, one greedy process takes the whole sandbox down
+    /// with it). `None` where the host kernel enforces them (crun's cgroups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardLimits>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardLimits {
+    /// Memory the sandbox's processes may use together; past it the largest one is killed.
+    pub memory_mib: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]

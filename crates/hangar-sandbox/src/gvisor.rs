@@ -41,6 +41,13 @@ impl GvisorDriver {
             "--host-uds=all",
             "--overlay2=none",
         ]);
+        // For diagnosing the runtime itself: runsc's own debug logs, one file per command.
+        if let Some(dir) = std::env::var_os("HANGAR_RUNSC_DEBUG_LOG") {
+            let mut arg = std::ffi::OsString::from("--debug-log=");
+            arg.push(dir);
+            arg.push("/");
+            c.arg("--debug").arg(arg);
+        }
         c
     }
 

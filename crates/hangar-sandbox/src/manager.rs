@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use hangar_image::{ImageStore, ResolveError};
-use hangar_proto::init::{InitConfig, ProcessDefaults, ProcessSpec, DEFAULT_AGENT_PORT};
+use hangar_proto::init::{
+    GuardLimits, InitConfig, ProcessDefaults, ProcessSpec, DEFAULT_AGENT_PORT,
+};
 use hangar_proto::sandbox::{Checkpoint, CreateSandbox, DriverKind, Sandbox, SandboxState};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
@@ -596,6 +598,9 @@ fn init_config(rec: &Record) -> InitConfig {
             user: cfg.user.clone(),
             cwd: cfg.working_dir.clone(),
         },
+        guard: (rec.sandbox.driver == DriverKind::Gvisor).then_some(GuardLimits {
+            memory_mib: rec.sandbox.resources.memory_mib,
+        }),
     }
 }
 
