@@ -162,6 +162,9 @@ pub trait Driver: Send + Sync {
     /// Files under the layout are left for the caller to remove.
     fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError>;
 
+    /// Whether the sandbox's runtime still runs (used to fail fast when it dies while starting).
+    fn alive(&self, sb: &SandboxSpec) -> bool;
+
     /// After a restart of `hangar serve`: adopts a sandbox that still runs, or cleans up
     /// what is left of one that does not so that it can be started again.
     fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError>;

@@ -227,6 +227,10 @@ impl Driver for GvisorDriver {
         mounts::unmount_rootfs(sb)
     }
 
+    fn alive(&self, sb: &SandboxSpec) -> bool {
+        self.status(&sb.layout.id).as_deref() == Some("running")
+    }
+
     fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError> {
         if self.status(&sb.layout.id).as_deref() == Some("running")
             && sb.layout.control_socket().exists()

@@ -324,17 +324,25 @@ impl Sandboxes {
         let _ = std::fs::remove_file(self.layout(id).egress_socket());
     }
 
-    /// Waits until `hangar-init` answers on `control.sock`.
+    /// Waits until `hangar-init` answers on `control.sock`, failing early if the runtime dies.
     async fn wait_ready(&self, rec: &Record) -> Result<(), SandboxError> {
         let link = self.link(rec);
         let sock = self.layout(&rec.sandbox.id).control_socket();
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let started = Instant::now();
+        let mut next_check = started + Duration::from_millis(200);
         let mut last = String::from("control.sock never appeared");
-        while Instant::now() < deadline {
+        while started.elapsed() < READY_TIMEOUT {
             if sock.exists() {
                 match link.health().await {
                     Ok(_) => return Ok(()),
                     Err(e) => last = e.to_string(),
+                }
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + Duration::from_millis(200);
+                if !self.drive(rec, |d, sb| d.alive(sb)).await? {
+                    last = "the sandbox stopped while starting".into();
+                    break;
                 }
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
@@ -350,7 +358,8 @@ impl Sandboxes {
             .rev()
             .collect();
         Err(SandboxError::Internal(format!(
-            "hangar-init did not answer within {READY_TIMEOUT:?} ({last}); console:\n{}",
+            "hangar-init did not become ready after {:?} ({last}); console:\n{}",
+            started.elapsed(),
             tail.join("\n")
         )))
     }
