@@ -2,7 +2,7 @@
 //! device, and the overlay of the image layers (read-only, shared) under the volume's
 //! `upper` directory (the sandbox's writable layer).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -94,17 +94,17 @@ pub fn unmount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
     Ok(())
 }
 
-fn unmount(p: &PathBuf) -> Result<(), DriverError> {
+fn unmount(p: &Path) -> Result<(), DriverError> {
     // A mount can be stacked more than once after a crash; unmount until nothing is left.
     for _ in 0..8 {
         if !is_mounted(p) {
             return Ok(());
         }
-        if let Err(e) = umount2(p.as_path(), MntFlags::empty()) {
+        if let Err(e) = umount2(p, MntFlags::empty()) {
             if e == nix::errno::Errno::EBUSY {
                 // Something (a dying runtime process) still holds it; detach it instead so
                 // that it goes away with its last user.
-                let _ = umount2(p.as_path(), MntFlags::MNT_DETACH);
+                let _ = umount2(p, MntFlags::MNT_DETACH);
             } else if e != nix::errno::Errno::EINVAL {
                 return Err(DriverError::Other(format!(
                     "unmounting {}: {e}",
