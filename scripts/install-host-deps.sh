@@ -13,6 +13,7 @@ packages=(
   busybox-static   # the example and test root filesystems
   curl             # the tests' HTTP client
   procps           # ps, for checking that nothing is left behind
+  buildah          # builds OCI images from Dockerfiles (and the tests' images)
 )
 
 missing=()
