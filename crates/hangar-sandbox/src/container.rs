@@ -73,11 +73,16 @@ impl ContainerDriver {
     }
 
     fn run(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        let t0 = Instant::now();
         mounts::mount_rootfs(sb)?;
+        let mounted = t0.elapsed();
         sb.write_init_config()?;
         oci::write_bundle(sb, Flavor::Crun)?;
         // A record left by a crash would make `run` fail with "container already exists".
-        let _ = cmd::run(self.crun_command().args(["delete", "-f", &sb.layout.id]));
+        if Path::new(CRUN_ROOT).join(&sb.layout.id).exists() {
+            let _ = cmd::run(self.crun_command().args(["delete", "-f", &sb.layout.id]));
+        }
+        let deleted = t0.elapsed();
         let log = console(sb)?;
         let mut c = self.crun_command();
         c.args(["run", "-d", "--bundle"])
@@ -96,6 +101,7 @@ impl ContainerDriver {
                     .unwrap_or_default(),
             }));
         }
+        tracing::debug!(sandbox = %sb.layout.id, ?mounted, ?deleted, ran = ?t0.elapsed(), "crun run");
         Ok(())
     }
 

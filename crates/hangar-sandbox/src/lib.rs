@@ -12,6 +12,7 @@ pub mod driver;
 pub mod egress;
 pub mod gvisor;
 pub mod link;
+mod loopdev;
 mod manager;
 mod mounts;
 mod oci;

@@ -271,16 +271,22 @@ impl Sandboxes {
             .insert(id.clone(), entry.clone());
         let mut guard = entry.record.lock().await;
 
+        let t0 = Instant::now();
         let started = async {
             let img = layout.volume_image();
             let size = rec.sandbox.resources.disk_mib;
-            tokio::task::spawn_blocking(move || volume::create(&img, size))
+            let templates = self.inner.cfg.data_dir.join("volumes");
+            tokio::task::spawn_blocking(move || volume::create(&img, size, &templates))
                 .await
                 .map_err(|e| SandboxError::Internal(e.to_string()))?
                 .map_err(|e| SandboxError::Internal(error_chain(&e)))?;
+            let volume = t0.elapsed();
             self.start_egress(&entry, &rec)?;
             self.drive(&rec, |d, sb| d.start(sb)).await??;
-            self.wait_ready(&rec).await
+            let runtime = t0.elapsed();
+            self.wait_ready(&rec).await?;
+            tracing::debug!(sandbox = %id, ?volume, ?runtime, ready = ?t0.elapsed(), "sandbox started");
+            Ok(())
         }
         .await;
         match started {

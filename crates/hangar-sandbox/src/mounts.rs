@@ -3,7 +3,6 @@
 //! `upper` directory (the sandbox's writable layer).
 
 use std::path::Path;
-use std::process::Command;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
@@ -33,16 +32,7 @@ pub fn mount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
     let vol = l.volume_mount();
     std::fs::create_dir_all(&vol).map_err(DriverError::Rootfs)?;
     if !is_mounted(&vol) {
-        cmd::run(
-            Command::new("mount")
-                .args(["-t", "ext4", "-o", "loop,noinit_itable,nodev,nosuid"])
-                .arg(l.volume_image())
-                .arg(&vol),
-        )
-        .map_err(|source| DriverError::Mount {
-            what: "the volume",
-            source,
-        })?;
+        mount_volume(&l.volume_image(), &vol)?;
     }
     let upper = vol.join("upper");
     let work = vol.join("work");
@@ -83,6 +73,29 @@ pub fn mount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
         },
     })?;
     Ok(())
+}
+
+/// Mounts the ext4 volume image at `target` through a loop device.
+fn mount_volume(image: &Path, target: &Path) -> Result<(), DriverError> {
+    let fail = |e: std::io::Error| DriverError::Mount {
+        what: "the volume",
+        source: cmd::CmdError::Failed {
+            program: "mount".into(),
+            status: e.to_string(),
+            stderr: image.display().to_string(),
+        },
+    };
+    let (dev, _held) = crate::loopdev::attach(image).map_err(fail)?;
+    // `noinit_itable`: the image was made with lazy inode tables; initialising them in the
+    // background would fill the sparse file with zeros for nothing.
+    mount(
+        Some(&dev),
+        target,
+        Some("ext4"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some("noinit_itable"),
+    )
+    .map_err(|e| fail(e.into()))
 }
 
 /// Unmounts the overlay root and the volume (which frees its loop device). Idempotent.

@@ -139,9 +139,7 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
         exec_true(c, &sb.id).await?;
         ready.samples.push(ms(t.elapsed()));
         ids.push(sb.id);
-        let t = Instant::now();
-        raw_run(&b.driver, &image, i)?;
-        raw.samples.push(ms(t.elapsed()));
+        raw.samples.push(ms(raw_run(&b.driver, &image, i)?));
     }
     let id = ids[0].clone();
     for _ in 0..runs.max(100) {
@@ -236,8 +234,9 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `/bin/true` with the bare runtime on the same root filesystem, read-only.
-fn raw_run(driver: &str, rootfs: &Path, i: usize) -> anyhow::Result<()> {
+/// Runs `/bin/true` with the bare runtime on the same root filesystem, read-only, and returns
+/// how long the runtime's `run` took (the bundle is prepared beforehand, untimed).
+fn raw_run(driver: &str, rootfs: &Path, i: usize) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
     let runtime = if driver == "gvisor" { "runsc" } else { "crun" };
     let mut spec = Command::new(runtime);
@@ -259,31 +258,30 @@ fn raw_run(driver: &str, rootfs: &Path, i: usize) -> anyhow::Result<()> {
     cfg["process"]["terminal"] = json!(false);
     std::fs::write(&path, serde_json::to_vec(&cfg)?)?;
     let id = format!("hangar-bench-raw-{}-{i}", std::process::id());
-    let status = if runtime == "runsc" {
-        Command::new("runsc")
-            .args([
-                "--root",
-                "/run/hangar-bench-runsc",
-                "--network=none",
-                "run",
-                "--bundle",
-            ])
-            .arg(dir.path())
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()?
+    let mut cmd = if runtime == "runsc" {
+        let mut c = Command::new("runsc");
+        c.args([
+            "--root",
+            "/run/hangar-bench-runsc",
+            "--network=none",
+            "run",
+            "--bundle",
+        ]);
+        c
     } else {
         let mut c = hangar_sandbox::container::ContainerDriver::new().crun_command();
-        c.args(["run", "--bundle"])
-            .arg(dir.path())
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()?
+        c.args(["run", "--bundle"]);
+        c
     };
+    cmd.arg(dir.path())
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let t = Instant::now();
+    let status = cmd.status()?;
+    let took = t.elapsed();
     if !status.success() {
         bail!("raw {runtime} run failed: {status}");
     }
-    Ok(())
+    Ok(took)
 }
