@@ -16,7 +16,16 @@ use hangar_proto::init::GuardLimits;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const MEMORY_EVERY: Duration = Duration::from_millis(5);
+/// How often usage is read: rarely while far from the limit (every read is a system call into
+/// gVisor's sentry, costly under the ptrace platform, and idle sandboxes must stay idle), and
+/// every few milliseconds close to it.
+fn interval(used: u64, limit: u64) -> Duration {
+    match used.saturating_mul(100) / limit.max(1) {
+        0..=49 => Duration::from_millis(100),
+        50..=74 => Duration::from_millis(20),
+        _ => Duration::from_millis(5),
+    }
+}
 
 /// Used memory in bytes per `/proc/meminfo` (MemTotal - MemAvailable).
 pub fn used_bytes(meminfo: &str) -> Option<u64> {
@@ -65,16 +74,19 @@ fn processes() -> Vec<Proc> {
         .collect()
 }
 
-/// Runs for ever on a thread of its own (it must keep up even when the runtime is busy).
-pub fn run(limits: GuardLimits) {
+/// Runs for ever, as a task on the runtime: one thread fewer to checkpoint and restore (this
+/// gVisor's restore crashes a restored process now and then, about 1 in 100 here).
+pub async fn run(limits: GuardLimits) {
     let limit = limits.memory_mib * 1024 * 1024;
+    let mut wait = Duration::from_millis(100);
     loop {
-        std::thread::sleep(MEMORY_EVERY);
+        tokio::time::sleep(wait).await;
         if let Some(used) = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .as_deref()
             .and_then(used_bytes)
         {
+            wait = interval(used, limit);
             if used > limit {
                 if let Some(p) = processes().into_iter().max_by_key(|p| p.rss_pages) {
                     log!(
@@ -85,7 +97,7 @@ pub fn run(limits: GuardLimits) {
                     );
                     let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
                     // Give the kernel a moment to free it before measuring again.
-                    std::thread::sleep(Duration::from_millis(50));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
@@ -95,6 +107,14 @@ pub fn run(limits: GuardLimits) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polls_faster_near_the_limit() {
+        assert_eq!(interval(10, 100), Duration::from_millis(100));
+        assert_eq!(interval(60, 100), Duration::from_millis(20));
+        assert_eq!(interval(99, 100), Duration::from_millis(5));
+        assert_eq!(interval(200, 100), Duration::from_millis(5));
+    }
 
     #[test]
     fn meminfo() {

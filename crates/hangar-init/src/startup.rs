@@ -39,14 +39,6 @@ pub fn main() -> i32 {
             log!("cannot create /dev/shm: {e}");
         }
     }
-    if let Some(limits) = config.guard {
-        if let Err(e) = std::thread::Builder::new()
-            .name("guard".into())
-            .spawn(move || crate::guard::run(limits))
-        {
-            log!("cannot start the memory and pids guard: {e}");
-        }
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -89,6 +81,9 @@ async fn run(paths: Paths, config: Arc<hangar_proto::init::InitConfig>, pid1: bo
         users_root: "/".into(),
     });
     let router = control::router(app);
+    if let Some(limits) = config.guard {
+        tokio::spawn(crate::guard::run(limits));
+    }
     if let Err(e) = sockets.bind(router.clone()) {
         log!("{e}");
         return 1;

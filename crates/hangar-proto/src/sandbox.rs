@@ -153,8 +153,22 @@ pub struct Sandbox {
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// How the last resume went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resume: Option<ResumeInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResumeInfo {
+    /// `memory`: processes continued; `filesystem`: the agent started again on its files.
+    pub mode: CheckpointMode,
+    pub took_ms: u64,
+    /// Why a memory checkpoint was not used, when one existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

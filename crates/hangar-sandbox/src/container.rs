@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hangar_proto::sandbox::{CheckpointMode, DriverKind};
 
 use crate::cmd;
-use crate::driver::{Driver, DriverError, Recovered, SandboxSpec};
+use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec};
 use crate::link::InitLink;
 use crate::mounts;
 use crate::oci::{self, Flavor};
@@ -144,8 +144,9 @@ impl Driver for ContainerDriver {
         Ok(CheckpointMode::Filesystem)
     }
 
-    fn resume(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
-        self.run(sb)
+    fn resume(&self, sb: &SandboxSpec) -> Result<Resumed, DriverError> {
+        self.run(sb)?;
+        Ok(Resumed::Filesystem { note: None })
     }
 
     fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError> {

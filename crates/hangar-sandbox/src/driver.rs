@@ -106,6 +106,16 @@ impl SandboxSpec<'_> {
     }
 }
 
+/// How [`Driver::resume`] brought a sandbox back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resumed {
+    /// From the memory checkpoint: every process continues where it was.
+    Memory,
+    /// Started afresh on its intact files; `note` says why when a memory checkpoint existed
+    /// but could not be used.
+    Filesystem { note: Option<String> },
+}
+
 /// What [`Driver::recover`] found after `hangar serve` restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovered {
@@ -155,8 +165,9 @@ pub trait Driver: Send + Sync {
     fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<CheckpointMode, DriverError>;
 
     /// Continues a suspended sandbox: processes intact for memory checkpoints, else the
-    /// agent starts again on its intact files. Returns once the runtime has started.
-    fn resume(&self, sb: &SandboxSpec) -> Result<(), DriverError>;
+    /// agent starts again on its intact files. Returns once the runtime has started, saying
+    /// which of the two happened.
+    fn resume(&self, sb: &SandboxSpec) -> Result<Resumed, DriverError>;
 
     /// Stops whatever runs, releases every mount, cgroup and runtime record. Idempotent.
     /// Files under the layout are left for the caller to remove.

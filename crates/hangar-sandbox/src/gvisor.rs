@@ -14,7 +14,7 @@ use hangar_proto::sandbox::{CheckpointMode, DriverKind};
 
 use crate::cmd::{self, CmdError};
 use crate::container::console;
-use crate::driver::{Driver, DriverError, Recovered, SandboxSpec};
+use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec};
 use crate::link::InitLink;
 use crate::mounts;
 use crate::oci::{self, Flavor};
@@ -99,6 +99,67 @@ impl GvisorDriver {
             });
         }
         Ok(())
+    }
+
+    /// Restores the memory checkpoint in `dir` and has hangar-init bind its sockets again.
+    fn restore(&self, sb: &SandboxSpec, dir: &Path) -> Result<(), CmdError> {
+        let t0 = std::time::Instant::now();
+        let io = |e: DriverError| CmdError::Spawn {
+            program: "runsc restore".into(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        mounts::mount_rootfs(sb).map_err(io)?;
+        oci::write_bundle(sb, Flavor::Runsc).map_err(io)?;
+        self.delete(&sb.layout.id);
+        let prepared = t0.elapsed();
+        let bundle = sb.layout.bundle();
+        self.launch(
+            sb,
+            &[
+                "restore",
+                "-detach",
+                "-bundle",
+                &bundle.to_string_lossy(),
+                "-image-path",
+                &dir.to_string_lossy(),
+            ],
+        )?;
+        let restored = t0.elapsed();
+        self.rebind(sb)?;
+        tracing::debug!(sandbox = %sb.layout.id, ?prepared, ?restored, total = ?t0.elapsed(), "gvisor resume");
+        Ok(())
+    }
+
+    /// Tells the restored hangar-init to bind its sockets again, until `control.sock` is back.
+    /// Right after `restore -detach` returns, the sandbox may not take signals yet ("sandbox is
+    /// not running"), and a signal can be lost while it settles; both are retried.
+    fn rebind(&self, sb: &SandboxSpec) -> Result<(), CmdError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let sock = sb.layout.control_socket();
+        loop {
+            let sent = cmd::run(self.runsc().args(["kill", &sb.layout.id, "USR2"]));
+            if sent.is_err() && self.status(&sb.layout.id).as_deref() == Some("stopped") {
+                return Err(CmdError::Failed {
+                    program: "runsc restore".into(),
+                    status: "stopped".into(),
+                    stderr: "the restored sandbox stopped at once".into(),
+                });
+            }
+            let next = std::time::Instant::now() + Duration::from_millis(250);
+            while std::time::Instant::now() < next {
+                if sock.exists() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if std::time::Instant::now() > deadline {
+                return sent.and(Err(CmdError::Failed {
+                    program: "runsc kill USR2".into(),
+                    status: "timeout".into(),
+                    stderr: "hangar-init did not bind its sockets after the restore".into(),
+                }));
+            }
+        }
     }
 
     fn cold_start(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
@@ -190,32 +251,35 @@ impl Driver for GvisorDriver {
         Ok(CheckpointMode::Memory)
     }
 
-    fn resume(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+    fn resume(&self, sb: &SandboxSpec) -> Result<Resumed, DriverError> {
         let dir = sb.layout.checkpoint();
         if !dir.join(COMPLETE).exists() {
             // Nothing to restore (a checkpoint never completed): start afresh on the same files.
-            return self.cold_start(sb);
+            self.cold_start(sb)?;
+            return Ok(Resumed::Filesystem { note: None });
         }
-        mounts::mount_rootfs(sb)?;
-        oci::write_bundle(sb, Flavor::Runsc)?;
-        self.delete(&sb.layout.id);
-        let bundle = sb.layout.bundle();
-        self.launch(
-            sb,
-            &[
-                "restore",
-                "-detach",
-                "-bundle",
-                &bundle.to_string_lossy(),
-                "-image-path",
-                &dir.to_string_lossy(),
-            ],
-        )
-        .map_err(DriverError::Restore)?;
-        cmd::run(self.runsc().args(["kill", &sb.layout.id, "USR2"]))
-            .map_err(DriverError::Restore)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
+        match self.restore(sb, &dir) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(Resumed::Memory)
+            }
+            Err(e) => {
+                // This runsc occasionally restores a process that then crashes (seen: a
+                // segfault in a restored thread). The files are intact, so the sandbox comes
+                // back on them rather than not at all; the checkpoint is kept for diagnosis.
+                let note = format!(
+                    "the memory checkpoint could not be restored ({e}); restarted on its files"
+                );
+                tracing::warn!(sandbox = %sb.layout.id, error = %e, "restore failed; starting afresh on the files");
+                let _ = cmd::run(self.runsc().args(["kill", &sb.layout.id, "KILL"]));
+                self.delete(&sb.layout.id);
+                let kept = sb.layout.dir.join("checkpoint.failed");
+                let _ = std::fs::remove_dir_all(&kept);
+                let _ = std::fs::rename(&dir, &kept);
+                self.cold_start(sb)?;
+                Ok(Resumed::Filesystem { note: Some(note) })
+            }
+        }
     }
 
     fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError> {

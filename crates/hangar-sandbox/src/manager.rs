@@ -13,13 +13,15 @@ use hangar_image::{ImageStore, ResolveError};
 use hangar_proto::init::{
     GuardLimits, InitConfig, ProcessDefaults, ProcessSpec, DEFAULT_AGENT_PORT,
 };
-use hangar_proto::sandbox::{Checkpoint, CreateSandbox, DriverKind, Sandbox, SandboxState};
+use hangar_proto::sandbox::{
+    Checkpoint, CheckpointMode, CreateSandbox, DriverKind, ResumeInfo, Sandbox, SandboxState,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::container::ContainerDriver;
-use crate::driver::{Driver, DriverError, Layout, Recovered, SandboxSpec};
+use crate::driver::{Driver, DriverError, Layout, Recovered, Resumed, SandboxSpec};
 use crate::egress::{self, EgressPolicy};
 use crate::gvisor::GvisorDriver;
 use crate::link::{ExecStream, InitLink, LinkError};
@@ -245,6 +247,7 @@ impl Sandboxes {
             egress: req.egress.clone(),
             created_at: now_rfc3339(),
             checkpoint: None,
+            last_resume: None,
             error: None,
         };
         let rec = Record {
@@ -475,19 +478,33 @@ impl Sandboxes {
                 ))
             }
         }
+        let t0 = Instant::now();
         rec.sandbox.state = SandboxState::Resuming;
         self.save(&rec)?;
         self.start_egress(&entry, &rec)?;
         let started = match self.drive(&rec, |d, sb| d.resume(sb)).await? {
-            Ok(()) => self.wait_ready(&rec).await,
+            Ok(how) => self.wait_ready(&rec).await.map(|()| how),
             Err(e) => Err(e.into()),
         };
-        if let Err(e) = started {
-            rec.sandbox.state = SandboxState::Failed;
-            rec.sandbox.error = Some(e.to_string());
-            self.save(&rec)?;
-            return Err(e);
-        }
+        let how = match started {
+            Ok(how) => how,
+            Err(e) => {
+                rec.sandbox.state = SandboxState::Failed;
+                rec.sandbox.error = Some(e.to_string());
+                self.save(&rec)?;
+                return Err(e);
+            }
+        };
+        let (mode, note) = match how {
+            Resumed::Memory => (CheckpointMode::Memory, None),
+            Resumed::Filesystem { note } => (CheckpointMode::Filesystem, note),
+        };
+        rec.sandbox.last_resume = Some(ResumeInfo {
+            mode,
+            took_ms: t0.elapsed().as_millis() as u64,
+            note,
+            at: now_rfc3339(),
+        });
         rec.sandbox.state = SandboxState::Running;
         rec.sandbox.error = None;
         self.save(&rec)?;

@@ -64,6 +64,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");
     // Stopping the server leaves sandboxes running; the next `hangar serve` adopts them.
+    // Small answers written in more than one segment would otherwise wait for the client's
+    // delayed ACK (40 ms) under Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let mut term =
