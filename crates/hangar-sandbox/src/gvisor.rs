@@ -70,6 +70,21 @@ impl GvisorDriver {
         let _ = cmd::run(self.runsc().args(["delete", "-force", id]));
     }
 
+    /// Whether runsc has a record of `id` (its state file is `<id>_sandbox:<id>.state`).
+    /// Checking costs nothing; `runsc delete` of an unknown id costs a runsc start.
+    fn known(&self, id: &str) -> bool {
+        Path::new(RUNSC_ROOT)
+            .join(format!("{id}_sandbox:{id}.state"))
+            .exists()
+    }
+
+    /// Removes a leftover record of `id` (from a crash) so that `run`/`restore` can use the id.
+    fn clear(&self, id: &str) {
+        if self.known(id) {
+            self.delete(id);
+        }
+    }
+
     /// Runs a runsc command that starts a detached sandbox. Its stdio goes to the console log:
     /// the sandbox inherits it, and a pipe would keep the caller waiting for ever.
     fn launch(&self, sb: &SandboxSpec, args: &[&str]) -> Result<(), CmdError> {
@@ -110,7 +125,7 @@ impl GvisorDriver {
         };
         mounts::mount_rootfs(sb).map_err(io)?;
         oci::write_bundle(sb, Flavor::Runsc).map_err(io)?;
-        self.delete(&sb.layout.id);
+        self.clear(&sb.layout.id);
         let prepared = t0.elapsed();
         let bundle = sb.layout.bundle();
         self.launch(
@@ -166,7 +181,7 @@ impl GvisorDriver {
         mounts::mount_rootfs(sb)?;
         sb.write_init_config()?;
         oci::write_bundle(sb, Flavor::Runsc)?;
-        self.delete(&sb.layout.id);
+        self.clear(&sb.layout.id);
         let bundle = sb.layout.bundle();
         self.launch(
             sb,
