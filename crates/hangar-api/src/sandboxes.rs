@@ -134,12 +134,21 @@ pub async fn exec(
         )
             .into_response());
     }
+    // Collected answers are bounded: a command's output is the sandbox's to choose, and
+    // Hangar's memory is every tenant's. The streamed form has no such limit.
+    const MAX_COLLECTED: usize = 16 << 20;
     let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut truncated = false;
+    let mut keep = |buf: &mut Vec<u8>, chunk: Vec<u8>| {
+        let room = MAX_COLLECTED.saturating_sub(buf.len());
+        truncated |= chunk.len() > room;
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    };
     let mut result = None;
     while let Some(ev) = stream.next().await {
         match ev? {
-            InitExecEvent::Stdout(d) => out.extend(decode(&d)),
-            InitExecEvent::Stderr(d) => err.extend(decode(&d)),
+            InitExecEvent::Stdout(d) => keep(&mut out, decode(&d)),
+            InitExecEvent::Stderr(d) => keep(&mut err, decode(&d)),
             InitExecEvent::Exit {
                 exit_code,
                 timed_out,
@@ -156,6 +165,7 @@ pub async fn exec(
         stdout: String::from_utf8_lossy(&out).into_owned(),
         stderr: String::from_utf8_lossy(&err).into_owned(),
         timed_out,
+        truncated,
     })
     .into_response())
 }

@@ -97,11 +97,20 @@ pub async fn write(root: &Path, path: &str, body: Body, limit: u64) -> Result<Fi
             .map_err(|e| ApiError::io("creating parent of", path, e))?;
     }
     let tmp = temp_name(&r.host);
+    // The new file keeps the owner of the file it replaces, or takes its directory's: the
+    // agent (often not root) must still be able to use what was uploaded for it.
+    let owner = existing.as_ref().map(|m| (m.uid(), m.gid())).or_else(|| {
+        r.host
+            .parent()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| (m.uid(), m.gid()))
+    });
     let result = write_temp(
         &tmp,
         path,
         body,
         existing.map(|m| m.permissions().mode()),
+        owner,
         limit,
     )
     .await;
@@ -124,11 +133,26 @@ async fn write_temp(
     path: &str,
     body: Body,
     mode: Option<u32>,
+    owner: Option<(u32, u32)>,
     limit: u64,
 ) -> Result<(), ApiError> {
-    let mut file = tokio::fs::File::create(tmp)
+    // A fresh name, never an existing file or a symlink planted under it.
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(tmp)
         .await
         .map_err(|e| ApiError::io("creating", path, e))?;
+    if let Some((uid, gid)) = owner {
+        let std_file = file
+            .try_clone()
+            .await
+            .map_err(|e| ApiError::io("creating", path, e))?
+            .into_std()
+            .await;
+        let _ = std::os::unix::fs::fchown(&std_file, Some(uid), Some(gid));
+    }
     if let Some(mode) = mode {
         let _ = file
             .set_permissions(std::fs::Permissions::from_mode(mode))

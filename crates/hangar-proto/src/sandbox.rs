@@ -201,6 +201,9 @@ pub struct ExecResult {
     pub stderr: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// Output beyond the collected limit was dropped (ask for the streamed form to get all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// One line of a streamed exec (`Accept: application/x-ndjson`).

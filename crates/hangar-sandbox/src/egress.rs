@@ -52,8 +52,20 @@ impl EgressPolicy {
         })
     }
 
-    /// Whether the policy lets a connection to `host:port` go out, and if so whether it was an
-    /// exact rule (which may name an address that is otherwise refused, like loopback).
+    /// Whether `addr` is one of Hangar's own listeners, whatever form the address takes
+    /// (IPv4-mapped, loopback for a wildcard listener, …).
+    fn forbids(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        self.forbidden.iter().any(|f| {
+            f.port() == addr.port()
+                && (f.ip().is_unspecified() || f.ip().to_canonical() == ip || ip.is_loopback())
+        })
+    }
+
+    /// Whether the policy lets a connection to `host:port` go out, and if so whether an exact
+    /// rule names the address itself (an IP literal or `localhost`), which may then be one that
+    /// is otherwise refused (loopback, a private network). A host *name* never earns that: its
+    /// DNS, which someone else may control, could point it anywhere.
     fn check(&self, host: &str, port: u16) -> Result<bool, String> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         match self.kind {
@@ -65,7 +77,8 @@ impl EgressPolicy {
                         continue;
                     }
                     if !r.wildcard && r.host == host {
-                        return Ok(true);
+                        return Ok(host == "localhost"
+                            || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok());
                     }
                     if r.wildcard
                         && host.len() > r.host.len() + 1
@@ -108,20 +121,27 @@ fn parse_rule(s: &str) -> Result<Rule, String> {
     })
 }
 
+/// Addresses a sandbox reaches only through an exact allowlist entry naming them: the host
+/// itself, link-local (cloud metadata), private and shared networks (the host's LAN, other
+/// machines' internals).
 fn refused_address(ip: IpAddr) -> bool {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => {
+            let o = v4.octets();
             v4.is_loopback()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_multicast()
                 || v4.is_broadcast()
+                || v4.is_private()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
         }
         IpAddr::V6(v6) => {
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
                 || v6
                     .to_ipv4_mapped()
                     .is_some_and(|v4| refused_address(IpAddr::V4(v4)))
@@ -129,18 +149,41 @@ fn refused_address(ip: IpAddr) -> bool {
     }
 }
 
-/// Serves one sandbox's `egress.sock` until the listener is dropped (the task is aborted).
+/// Connections one sandbox may have open through the proxy at once.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send its request head, and a name to resolve.
+const HEAD_DEADLINE: Duration = Duration::from_secs(30);
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Serves one sandbox's `egress.sock` until this task is aborted, which also closes every
+/// connection it carries (they live in its `JoinSet`).
 pub async fn serve(listener: UnixListener, policy: Arc<EgressPolicy>, sandbox: String) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok((mut conn, _)) = accepted else {
             return;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let _ = refuse(
+                &mut conn,
+                503,
+                "too many connections through the egress proxy",
+            )
+            .await;
+            continue;
         };
         let policy = policy.clone();
         let sandbox = sandbox.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = handle(conn, &policy, &sandbox).await {
                 tracing::debug!(%sandbox, error = %e, "egress connection ended");
             }
+            drop(slot);
         });
     }
 }
@@ -183,10 +226,21 @@ fn parse_head(head: &[u8]) -> Result<Head, String> {
     };
     let (host, port) = split_host_port(authority, Some(80))?;
     let mut forward = format!("{method} {path} {version}\r\n").into_bytes();
+    let mut closed = false;
     for line in lines {
         let lower = line.to_ascii_lowercase();
-        if lower.starts_with("proxy-connection:") || lower.starts_with("proxy-authorization:") {
+        // One request per upstream connection: the connection is spliced after this head, so
+        // a second request from a keep-alive client would reach this host unchecked.
+        if lower.starts_with("proxy-connection:")
+            || lower.starts_with("proxy-authorization:")
+            || lower.starts_with("connection:")
+            || lower.starts_with("keep-alive:")
+        {
             continue;
+        }
+        if line.is_empty() && !closed {
+            forward.extend_from_slice(b"Connection: close\r\n");
+            closed = true;
         }
         forward.extend_from_slice(line.as_bytes());
         forward.extend_from_slice(b"\r\n");
@@ -228,6 +282,7 @@ fn split_host_port(s: &str, default: Option<u16>) -> Result<(String, u16), Strin
 
 async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + HEAD_DEADLINE;
     let head_len = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
@@ -236,7 +291,7 @@ async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> s
             return refuse(&mut conn, 431, "request head too large").await;
         }
         let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut chunk))
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
             .await
             .map_err(std::io::Error::other)??;
         if n == 0 {
@@ -255,21 +310,26 @@ async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> s
             return refuse(&mut conn, 403, &reason).await;
         }
     };
-    let addrs: Vec<SocketAddr> =
-        match tokio::net::lookup_host((head.host.as_str(), head.port)).await {
-            Ok(a) => a.collect(),
-            Err(e) => {
-                return refuse(
-                    &mut conn,
-                    502,
-                    &format!("cannot resolve {}: {e}", head.host),
-                )
-                .await
-            }
-        };
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
+        LOOKUP_DEADLINE,
+        tokio::net::lookup_host((head.host.as_str(), head.port)),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
+    {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            return refuse(
+                &mut conn,
+                502,
+                &format!("cannot resolve {}: {e}", head.host),
+            )
+            .await
+        }
+    };
     let allowed: Vec<SocketAddr> = addrs
         .into_iter()
-        .filter(|a| !policy.forbidden.contains(a) && (exact || !refused_address(a.ip())))
+        .filter(|a| !policy.forbids(*a) && (exact || !refused_address(a.ip())))
         .collect();
     if allowed.is_empty() {
         tracing::info!(%sandbox, host = %head.host, port = head.port, "egress denied: address not allowed");
@@ -321,6 +381,7 @@ async fn refuse(conn: &mut UnixStream, status: u16, reason: &str) -> std::io::Re
         400 => "Bad Request",
         403 => "Forbidden",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Bad Gateway",
     };
@@ -355,8 +416,12 @@ mod tests {
             &["pypi.org", "*.example.com:443", "localhost:8080"],
         );
         let check = |h: &str, port: u16| p.check(h, port);
-        assert_eq!(check("pypi.org", 443), Ok(true));
-        assert_eq!(check("PyPI.org.", 80), Ok(true));
+        assert_eq!(
+            check("pypi.org", 443),
+            Ok(false),
+            "a name never names the address itself"
+        );
+        assert_eq!(check("PyPI.org.", 80), Ok(false));
         assert_eq!(check("a.example.com", 443), Ok(false));
         assert!(check("a.example.com", 80).is_err());
         assert!(
@@ -403,11 +468,23 @@ mod tests {
             (h.connect, h.host.as_str(), h.port),
             (false, "example.org", 80)
         );
-        assert_eq!(h.forward, b"GET /a?b HTTP/1.1\r\nHost: example.org\r\n\r\n");
+        assert_eq!(
+            h.forward,
+            b"GET /a?b HTTP/1.1\r\nHost: example.org\r\nConnection: close\r\n\r\n"
+        );
+        let h = parse_head(
+            b"GET http://a.org/ HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(h.forward, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
         let h = parse_head(b"GET http://[::1]:81 HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(
             (h.host.as_str(), h.port, h.forward.as_slice()),
-            ("::1", 81, &b"GET / HTTP/1.1\r\n\r\n"[..])
+            (
+                "::1",
+                81,
+                &b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..]
+            )
         );
         assert!(parse_head(b"GET /relative HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_head(b"garbage\r\n\r\n").is_err());
@@ -422,11 +499,46 @@ mod tests {
             "::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "10.1.2.3",
+            "172.20.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "fd00::1",
         ] {
             assert!(refused_address(a.parse().unwrap()), "{a}");
         }
-        for a in ["93.184.216.34", "10.1.2.3", "2001:db8::1"] {
+        for a in ["93.184.216.34", "100.128.0.1", "2001:db8::1"] {
             assert!(!refused_address(a.parse().unwrap()), "{a}");
         }
+    }
+
+    #[test]
+    fn hangars_own_listeners_are_forbidden_in_every_form() {
+        let e = Egress {
+            policy: EgressPolicyKind::All,
+            allow: vec![],
+        };
+        let p = EgressPolicy::new(&e, vec!["127.0.0.1:7070".parse().unwrap()]).unwrap();
+        for a in [
+            "127.0.0.1:7070",
+            "[::ffff:127.0.0.1]:7070",
+            "127.0.0.2:7070",
+            "[::1]:7070",
+        ] {
+            assert!(p.forbids(a.parse().unwrap()), "{a}");
+        }
+        assert!(!p.forbids("127.0.0.1:7071".parse().unwrap()));
+        let wild = EgressPolicy::new(&e, vec!["0.0.0.0:7070".parse().unwrap()]).unwrap();
+        assert!(wild.forbids("192.168.1.10:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn exact_rules_name_addresses_only_as_literals() {
+        let p = policy(
+            EgressPolicyKind::Allowlist,
+            &["10.0.0.5:5432", "internal.example:80"],
+        );
+        assert_eq!(p.check("10.0.0.5", 5432), Ok(true));
+        assert_eq!(p.check("internal.example", 80), Ok(false));
     }
 }

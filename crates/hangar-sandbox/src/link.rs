@@ -55,14 +55,7 @@ impl InitLink {
         path: &str,
         body: LinkBody,
     ) -> Result<Response<Incoming>, LinkError> {
-        match std::fs::symlink_metadata(&self.socket) {
-            Ok(m) if m.file_type().is_socket() => {}
-            Ok(_) => return Err(LinkError::Connect("control.sock is not a socket".into())),
-            Err(e) => return Err(LinkError::Connect(e.to_string())),
-        }
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| LinkError::Connect(e.to_string()))?;
+        let stream = connect_no_follow(&self.socket).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| LinkError::Http(e.to_string()))?;
@@ -87,12 +80,7 @@ impl InitLink {
             .map_err(|e| LinkError::Http(e.to_string()))?;
         if resp.status().is_client_error() || resp.status().is_server_error() {
             let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| LinkError::Http(e.to_string()))?
-                .to_bytes();
+            let bytes = read_capped(resp.into_body()).await?;
             let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                 ErrorBody::new(
                     "sandbox_error",
@@ -111,12 +99,7 @@ impl InitLink {
         body: LinkBody,
     ) -> Result<T, LinkError> {
         let resp = self.request(method, path, body).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| LinkError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = read_capped(resp.into_body()).await?;
         serde_json::from_slice(&bytes).map_err(|e| LinkError::Decode(e.to_string()))
     }
 
@@ -127,10 +110,7 @@ impl InitLink {
     /// Asks `hangar-init` to sync and close every host socket before a memory checkpoint.
     pub async fn suspend(&self) -> Result<(), LinkError> {
         let resp = self.request(Method::POST, "/suspend", empty()).await?;
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| LinkError::Http(e.to_string()))?;
+        read_capped(resp.into_body()).await?;
         Ok(())
     }
 
@@ -144,6 +124,44 @@ impl InitLink {
             done: false,
         })
     }
+}
+
+/// The largest JSON answer or NDJSON line accepted from a sandbox: the other side is under
+/// the control of untrusted code, and Hangar's memory is every tenant's.
+const MAX_ANSWER: usize = 1 << 20;
+
+async fn read_capped(body: Incoming) -> Result<Bytes, LinkError> {
+    http_body_util::Limited::new(body, MAX_ANSWER)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| LinkError::Http(format!("answer from the sandbox: {e}")))
+}
+
+/// Connects to the unix socket at `path` without following a symlink there: the run directory
+/// is writable from inside the sandbox, and a symlink planted in place of `control.sock` must
+/// not lead Hangar (and the sandbox's secret) to another socket on the host. The socket is
+/// opened with `O_PATH | O_NOFOLLOW`, checked, and connected to through `/proc/self/fd`.
+async fn connect_no_follow(path: &std::path::Path) -> Result<UnixStream, LinkError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| LinkError::Connect(e.to_string()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| LinkError::Connect(e.to_string()))?;
+    if !meta.file_type().is_socket() {
+        return Err(LinkError::Connect("control.sock is not a socket".into()));
+    }
+    use std::os::fd::AsRawFd;
+    let via = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let stream = UnixStream::connect(&via)
+        .await
+        .map_err(|e| LinkError::Connect(e.to_string()));
+    drop(file);
+    stream
 }
 
 pub fn empty() -> LinkBody {
@@ -184,6 +202,13 @@ impl ExecStream {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         self.buf.extend_from_slice(&data);
+                        if self.buf.len() > MAX_ANSWER && !self.buf.contains(&b'\n') {
+                            self.done = true;
+                            self.buf.clear();
+                            return Some(Err(LinkError::Decode(
+                                "an exec event line is too long".into(),
+                            )));
+                        }
                     }
                 }
                 Some(Err(e)) => return Some(Err(LinkError::Http(e.to_string()))),

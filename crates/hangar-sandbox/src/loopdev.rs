@@ -43,6 +43,15 @@ struct LoopConfig {
 /// Attaches `image` to a free loop device and returns the device's path. The returned file
 /// keeps the device open; drop it once the filesystem is mounted.
 pub fn attach(image: &Path) -> std::io::Result<(PathBuf, File)> {
+    if let Some(dev) = attached_to(image)? {
+        // Still mounted somewhere (a mount namespace that has not died yet): mounting the same
+        // ext4 image twice would corrupt it.
+        return Err(std::io::Error::other(format!(
+            "{} is still attached to {}; its previous mount is in use",
+            image.display(),
+            dev.display()
+        )));
+    }
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
     let control = OpenOptions::new()
         .read(true)
@@ -74,4 +83,24 @@ pub fn attach(image: &Path) -> std::io::Result<(PathBuf, File)> {
     Err(std::io::Error::other(
         "no free loop device after 16 attempts",
     ))
+}
+
+/// The loop device `image` is attached to, if any.
+fn attached_to(image: &Path) -> std::io::Result<Option<PathBuf>> {
+    let image = std::fs::canonicalize(image)?;
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return Ok(None);
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(backing.trim_end()) == image {
+                return Ok(Some(Path::new("/dev").join(name)));
+            }
+        }
+    }
+    Ok(None)
 }

@@ -75,6 +75,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 struct Entry {
+    id: String,
     record: Mutex<Record>,
     egress: StdMutex<Option<JoinHandle<()>>>,
 }
@@ -103,6 +104,11 @@ impl Sandboxes {
             std::fs::create_dir_all(d)
                 .map_err(|e| SandboxError::Internal(format!("creating {}: {e}", d.display())))?;
         }
+        // Sandboxes write into their run directories and volumes; no other host user may even
+        // look in (a set-uid file planted there must not be reachable from the host).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| SandboxError::Internal(format!("securing {}: {e}", root.display())))?;
         install_init(&cfg.init_binary, &init_dir)?;
         crate::reaper::install()
             .map_err(|e| SandboxError::Internal(format!("becoming a child subreaper: {e}")))?;
@@ -264,6 +270,7 @@ impl Sandboxes {
             .map_err(|e| SandboxError::Internal(format!("creating the sandbox directory: {e}")))?;
         self.save(&rec)?;
         let entry = Arc::new(Entry {
+            id: id.clone(),
             record: Mutex::new(rec.clone()),
             egress: StdMutex::new(None),
         });
@@ -384,8 +391,19 @@ impl Sandboxes {
             .collect();
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
-            out.push(e.record.lock().await.sandbox.clone());
+            // A sandbox in the middle of a transition holds its lock for as long as the driver
+            // takes; its persisted record (written before every transition) answers instead.
+            match tokio::time::timeout(Duration::from_millis(20), e.record.lock()).await {
+                Ok(rec) => out.push(rec.sandbox.clone()),
+                Err(_) => {
+                    let id = e.id.clone();
+                    if let Ok(rec) = Record::load(&self.layout(&id).record()) {
+                        out.push(rec.sandbox);
+                    }
+                }
+            }
         }
+        out.retain(|s| s.state != SandboxState::Deleted);
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         out
     }
@@ -398,6 +416,9 @@ impl Sandboxes {
     pub async fn running_link(&self, id: &str) -> Result<InitLink, SandboxError> {
         let entry = self.entry(id)?;
         let rec = entry.record.lock().await;
+        if rec.sandbox.state == SandboxState::Deleted {
+            return Err(SandboxError::NotFound(id.to_owned()));
+        }
         if rec.sandbox.state != SandboxState::Running {
             return Err(SandboxError::Conflict(format!(
                 "sandbox {id} is {}; resume it first",
@@ -442,18 +463,35 @@ impl Sandboxes {
         let mode = match result {
             Ok(mode) => mode,
             Err(e) => {
-                // The sandbox may still be running (e.g. the checkpoint was refused); say so.
-                rec.sandbox.state = SandboxState::Running;
+                // Where the suspend stopped decides what the sandbox is now: still running (the
+                // checkpoint was refused), or stopped with its files on disk.
+                let alive = self.drive(&rec, |d, sb| d.alive(sb)).await?;
+                if alive {
+                    rec.sandbox.state = SandboxState::Running;
+                } else {
+                    rec.sandbox.state = SandboxState::Failed;
+                    rec.sandbox.error = Some(format!(
+                        "suspend failed: {e}; resume starts it again on its files"
+                    ));
+                    self.stop_egress(&entry, id);
+                }
                 self.save(&rec)?;
                 return Err(e.into());
             }
         };
         self.stop_egress(&entry, id);
         let layout = self.layout(id);
-        let (bytes, hash) = tokio::task::spawn_blocking(move || checkpoint_digest(&layout))
-            .await
-            .map_err(|e| SandboxError::Internal(e.to_string()))?
-            .map_err(|e| SandboxError::Internal(format!("hashing the checkpoint: {e}")))?;
+        // The sandbox is stopped whatever happens now; a checkpoint that cannot be hashed is
+        // still the sandbox's state, so it is recorded as suspended either way.
+        let digest = tokio::task::spawn_blocking(move || checkpoint_digest(&layout)).await;
+        let (bytes, hash) = match digest {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot hash the checkpoint");
+                (0, format!("unavailable: {e}"))
+            }
+            Err(e) => (0, format!("unavailable: {e}")),
+        };
         rec.sandbox.checkpoint = Some(Checkpoint {
             mode,
             bytes,
@@ -470,7 +508,8 @@ impl Sandboxes {
         let entry = self.entry(id)?;
         let mut rec = entry.record.lock().await;
         match rec.sandbox.state {
-            SandboxState::Suspended => {}
+            // A failed sandbox is stopped with its files intact: resuming starts it again.
+            SandboxState::Suspended | SandboxState::Failed => {}
             SandboxState::Running => return Ok(rec.sandbox.clone()),
             s => {
                 return Err(SandboxError::Conflict(
@@ -489,8 +528,11 @@ impl Sandboxes {
         let how = match started {
             Ok(how) => how,
             Err(e) => {
+                // Leave nothing half-started; the files stay for the next attempt.
+                let _ = self.drive(&rec, |d, sb| d.destroy(sb)).await;
+                self.stop_egress(&entry, id);
                 rec.sandbox.state = SandboxState::Failed;
-                rec.sandbox.error = Some(e.to_string());
+                rec.sandbox.error = Some(format!("resume failed: {e}"));
                 self.save(&rec)?;
                 return Err(e);
             }
@@ -518,6 +560,9 @@ impl Sandboxes {
 
     async fn remove(&self, id: &str, entry: &Arc<Entry>) -> Result<(), SandboxError> {
         let mut rec = entry.record.lock().await;
+        if rec.sandbox.state == SandboxState::Deleted {
+            return Err(SandboxError::NotFound(id.to_owned()));
+        }
         self.stop_egress(entry, id);
         self.drive(&rec, |d, sb| d.destroy(sb)).await??;
         rec.sandbox.state = SandboxState::Deleted;
@@ -547,6 +592,7 @@ impl Sandboxes {
                 }
             };
             let entry = Arc::new(Entry {
+                id: id.clone(),
                 record: Mutex::new(rec.clone()),
                 egress: StdMutex::new(None),
             });

@@ -61,7 +61,7 @@ pub fn mount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
         Some("overlay"),
         &rootfs,
         Some("overlay"),
-        MsFlags::MS_NODEV,
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
         Some(opts.as_str()),
     )
     .map_err(|e| DriverError::Mount {
@@ -108,21 +108,23 @@ pub fn unmount_rootfs(sb: &SandboxSpec) -> Result<(), DriverError> {
 }
 
 fn unmount(p: &Path) -> Result<(), DriverError> {
-    // A mount can be stacked more than once after a crash; unmount until nothing is left.
-    for _ in 0..8 {
-        if !is_mounted(p) {
-            return Ok(());
-        }
-        if let Err(e) = umount2(p, MntFlags::empty()) {
-            if e == nix::errno::Errno::EBUSY {
-                // Something (a dying runtime process) still holds it; detach it instead so
-                // that it goes away with its last user.
-                let _ = umount2(p, MntFlags::MNT_DETACH);
-            } else if e != nix::errno::Errno::EINVAL {
+    // A mount can be stacked more than once after a crash: unmount until nothing is left. A
+    // runtime process that is still exiting can hold it for a moment: wait for it rather than
+    // detach lazily, because a volume that is still mounted somewhere must never be mounted a
+    // second time (two ext4 instances on one image corrupt it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_mounted(p) {
+        match umount2(p, MntFlags::empty()) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(nix::errno::Errno::EINVAL) => return Ok(()),
+            Err(e) => {
                 return Err(DriverError::Other(format!(
                     "unmounting {}: {e}",
                     p.display()
-                )));
+                )))
             }
         }
     }

@@ -8,9 +8,11 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
-    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroup,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
+    LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 
 use crate::driver::{DriverError, SandboxSpec};
@@ -25,14 +27,14 @@ pub enum Flavor {
 /// Memory for gVisor's own processes (sentry and gofer), on top of the sandbox's limit.
 pub const GVISOR_OVERHEAD_MIB: u64 = 96;
 
-/// The capabilities of a process in the sandbox: Docker's default set. `hangar-init` needs
+/// The capabilities of a process in the sandbox: Docker's default set without MKNOD (with
+/// the device cgroup below, a device node is useless anyway; without it, one is the host). `hangar-init` needs
 /// SETUID/SETGID to run the agent as the image's user and the file ones to serve the files API.
 const CAPS: &[Capability] = &[
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
-    Capability::Mknod,
     Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
@@ -122,6 +124,7 @@ fn build_spec(sb: &SandboxSpec, flavor: Flavor) -> Result<Spec, oci_spec::OciSpe
     let memory = (memory_mib * 1024 * 1024) as i64;
     let period = 100_000u64;
     let resources = LinuxResourcesBuilder::default()
+        .devices(device_rules()?)
         .memory(
             LinuxMemoryBuilder::default()
                 .limit(memory)
@@ -147,7 +150,9 @@ fn build_spec(sb: &SandboxSpec, flavor: Flavor) -> Result<Spec, oci_spec::OciSpe
         .masked_paths(oci_spec::runtime::get_default_maskedpaths())
         .readonly_paths(oci_spec::runtime::get_default_readonly_paths());
     if flavor == Flavor::Crun {
-        linux = linux.cgroups_path(PathBuf::from(format!("/hangar/{}", sb.layout.id)));
+        linux = linux
+            .seccomp(seccomp()?)
+            .cgroups_path(PathBuf::from(format!("/hangar/{}", sb.layout.id)));
     }
     let mut spec = Spec::default();
     spec.set_hostname(Some("sandbox".into()))
@@ -161,6 +166,108 @@ fn build_spec(sb: &SandboxSpec, flavor: Flavor) -> Result<Spec, oci_spec::OciSpe
         .set_mounts(Some(mounts))
         .set_linux(Some(linux.build()?));
     Ok(spec)
+}
+
+/// The device cgroup: nothing but the character devices every program expects. Without the
+/// deny-all rule first, a cgroup v1 device controller inherits "allow everything" and root in
+/// the sandbox could open the host's disks.
+fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, oci_spec::OciSpecError> {
+    let mut rules = vec![LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()?];
+    // (major, minor): null, zero, full, random, urandom, tty, ptmx, and every pty slave.
+    for (major, minor) in [
+        (1, Some(3)),
+        (1, Some(5)),
+        (1, Some(7)),
+        (1, Some(8)),
+        (1, Some(9)),
+        (5, Some(0)),
+        (5, Some(2)),
+        (136, None),
+    ] {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(major)
+            .access("rwm");
+        if let Some(m) = minor {
+            b = b.minor(m);
+        }
+        rules.push(b.build()?);
+    }
+    Ok(rules)
+}
+
+/// System calls a sandboxed process never needs and that widen the kernel surface it can reach
+/// (new namespaces, mounts, keyrings, BPF, kernel modules, clocks, …): refused with EPERM.
+/// gVisor implements its own system calls and needs none of this.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "delete_module",
+    "fanotify_init",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "init_module",
+    "iopl",
+    "ioperm",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "adjtimex",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "vhangup",
+];
+
+fn seccomp() -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
+    let denied = LinuxSyscallBuilder::default()
+        .names(
+            DENIED_SYSCALLS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(libc::EPERM as u32)
+        .build()?;
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        // Every ABI of the machine, or a 32-bit entry point would skip the rules.
+        .architectures(vec![
+            Arch::ScmpArchX86_64,
+            Arch::ScmpArchX86,
+            Arch::ScmpArchX32,
+        ])
+        .syscalls(vec![denied])
+        .build()
 }
 
 fn bind(source: PathBuf, dest: &str, readonly: bool) -> Result<Mount, oci_spec::OciSpecError> {

@@ -52,7 +52,12 @@ fn reap_loop() {
         // SAFETY: waitpid writes the status into `raw`, a valid i32.
         let pid = unsafe { libc::waitpid(-1, &mut raw, 0) };
         if pid > 0 {
-            if let Some(tx) = r.waiters.lock().unwrap().remove(&pid) {
+            if let Some(tx) = r
+                .waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&pid)
+            {
                 let _ = tx.send(ExitStatus::from_raw(raw));
             }
             continue;
@@ -61,7 +66,7 @@ fn reap_loop() {
         if err.raw_os_error() == Some(libc::ECHILD) {
             // No children at all: sleep until one is spawned (adopted orphans only ever
             // arrive while their parent, our child, exists, so this misses none).
-            let guard = r.waiters.lock().unwrap();
+            let guard = r.waiters.lock().unwrap_or_else(|e| e.into_inner());
             let _ = r
                 .spawned
                 .wait_timeout(guard, std::time::Duration::from_millis(200))
@@ -78,7 +83,7 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<(Child, Option<mpsc::Receiver
     };
     // Holding the lock across spawn and registration means the reaper cannot take this
     // child's status before its waiter is in the map.
-    let mut waiters = r.waiters.lock().unwrap();
+    let mut waiters = r.waiters.lock().unwrap_or_else(|e| e.into_inner());
     let child = cmd.spawn()?;
     let (tx, rx) = mpsc::channel();
     waiters.insert(child.id() as i32, tx);

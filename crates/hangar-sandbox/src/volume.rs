@@ -30,9 +30,17 @@ pub fn create(path: &Path, size_mib: u64, templates: &Path) -> Result<(), Volume
     if !template.exists() {
         std::fs::create_dir_all(templates).map_err(VolumeError::Create)?;
         // Format under a unique name, then rename: concurrent creators never see half a template.
-        let tmp = templates.join(format!(".ext4-{size_mib}m.{}.tmp", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = templates.join(format!(
+            ".ext4-{size_mib}m.{}.{seq}.tmp",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&tmp);
         format(&tmp, size_mib)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(VolumeError::Create)?;
         std::fs::rename(&tmp, &template).map_err(VolumeError::Create)?;
     }
     copy_sparse(&template, path).map_err(VolumeError::Create)

@@ -118,6 +118,37 @@ fn isolation(driver: &str) {
         assert!(r["stdout"].as_str().unwrap().contains("403"), "{r}");
     }
 
+    // No host devices: crun has no CAP_MKNOD and a device cgroup refusing all but the usual
+    // few; gVisor's device nodes are its own. Either way the host's disk is not readable.
+    let r = run(
+        &s,
+        &a,
+        "mknod /tmp/disk b 8 0 && head -c 512 /tmp/disk | wc -c | grep -qx 512",
+    );
+    assert_ne!(r["exit_code"], 0, "read a host block device: {r}");
+    if driver == "container" {
+        assert_ne!(
+            run(&s, &a, "mknod /tmp/disk2 b 8 0")["exit_code"],
+            0,
+            "mknod worked under crun"
+        );
+    }
+    // On crun, no new namespaces or mounts either (seccomp).
+    if driver == "container" {
+        for cmd in [
+            "unshare -m true",
+            "unshare -U true",
+            "mount -t tmpfs none /mnt",
+        ] {
+            let r = run(&s, &a, cmd);
+            assert_ne!(r["exit_code"], 0, "{cmd:?} worked in the sandbox: {r}");
+        }
+    }
+    assert_eq!(
+        s.sh(&a, "echo ok > /dev/null && head -c 4 /dev/zero | wc -c"),
+        "4\n"
+    );
+
     // hangar-init's control API wants the sandbox's secret.
     let sock = s
         .data
