@@ -96,6 +96,35 @@ async fn exec_true(c: &Client, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Host memory in use once written data is on disk and clean caches are dropped (as root), so
+/// that page cache does not count as memory a suspended sandbox holds.
+async fn settled_host_used() -> u64 {
+    nix::unistd::sync();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    host_used()
+}
+
+/// Processes whose command line names one of `ids` (runtime daemons of those sandboxes).
+fn sandbox_processes(ids: &[String]) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| {
+            let cmd = String::from_utf8_lossy(cmd);
+            ids.iter().any(|id| cmd.contains(id.as_str()))
+        })
+        .count()
+}
+
 /// Host memory in use (MemTotal - MemAvailable), in bytes.
 fn host_used() -> u64 {
     let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -178,7 +207,7 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
     let mut suspended_mem = None;
     if b.suspended > 0 {
         eprintln!("bench: {} suspended sandboxes", b.suspended);
-        let before = host_used();
+        let before = settled_host_used().await;
         let mut many = Vec::new();
         for _ in 0..b.suspended {
             let sb = create(c, &b).await?;
@@ -192,10 +221,17 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
                 .await?;
             many.push(sb.id);
         }
-        // Let freed memory settle before reading.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = host_used();
-        suspended_mem = Some(after.saturating_sub(before));
+        let after = settled_host_used().await;
+        let procs = sandbox_processes(&many);
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounts = mountinfo
+            .lines()
+            .filter(|l| many.iter().any(|id| l.contains(id.as_str())))
+            .count();
+        if procs + mounts > 0 {
+            bail!("suspended sandboxes still hold {procs} processes and {mounts} mounts");
+        }
+        suspended_mem = Some(after as i64 - before as i64);
         for id in &many {
             c.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
                 .await?;
@@ -235,7 +271,7 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
         );
         if let Some(m) = suspended_mem {
             println!(
-                "{} suspended sandboxes hold {:.1} MiB of host memory",
+                "{} suspended sandboxes: no processes, no mounts; host memory in use changed by {:+.1} MiB (caches dropped; the machine's own noise is tens of MiB)",
                 b.suspended,
                 m as f64 / 1048576.0
             );
