@@ -185,17 +185,15 @@ impl PathQuery {
     }
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// Percent-encodes a query value (keeping `/`, which paths are full of, readable).
+pub fn encode(s: &str) -> String {
+    const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
+    percent_encoding::utf8_percent_encode(s, QUERY).to_string()
 }
 
 /// Relays `hangar-init`'s answer (status, content type, streamed body) to the client.

@@ -152,6 +152,21 @@ impl Sandboxes {
             .ok_or_else(|| SandboxError::NotFound(id.to_owned()))
     }
 
+    /// Makes a sandbox known to the service (it is then listed and addressable).
+    fn register(&self, rec: &Record) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            id: rec.sandbox.id.clone(),
+            record: Mutex::new(rec.clone()),
+            egress: StdMutex::new(None),
+        });
+        self.inner
+            .entries
+            .lock()
+            .unwrap()
+            .insert(entry.id.clone(), entry.clone());
+        entry
+    }
+
     fn layout(&self, id: &str) -> Layout {
         Layout::new(&self.inner.root, id)
     }
@@ -269,16 +284,7 @@ impl Sandboxes {
         std::fs::create_dir_all(layout.run_dir())
             .map_err(|e| SandboxError::Internal(format!("creating the sandbox directory: {e}")))?;
         self.save(&rec)?;
-        let entry = Arc::new(Entry {
-            id: id.clone(),
-            record: Mutex::new(rec.clone()),
-            egress: StdMutex::new(None),
-        });
-        self.inner
-            .entries
-            .lock()
-            .unwrap()
-            .insert(id.clone(), entry.clone());
+        let entry = self.register(&rec);
         let mut guard = entry.record.lock().await;
 
         let t0 = Instant::now();
@@ -591,16 +597,7 @@ impl Sandboxes {
                     continue;
                 }
             };
-            let entry = Arc::new(Entry {
-                id: id.clone(),
-                record: Mutex::new(rec.clone()),
-                egress: StdMutex::new(None),
-            });
-            self.inner
-                .entries
-                .lock()
-                .unwrap()
-                .insert(id.clone(), entry.clone());
+            let entry = self.register(&rec);
             let outcome = self.recover_one(&entry, &mut rec).await;
             if let Err(e) = outcome {
                 tracing::warn!(sandbox = %id, error = %e, "could not recover sandbox");
