@@ -100,11 +100,24 @@ fn isolation(driver: &str) {
         "expected a 403 from the proxy: {r}"
     );
 
-    // Egress `allowlist`: the listed host answers; anything else, Hangar's API included, is refused.
+    // Egress `allowlist`: the listed host answers (plain HTTP and a CONNECT tunnel); anything
+    // else, Hangar's API included, is refused.
     assert_eq!(
         s.sh(&b, &format!("wget -q -O - http://localhost:{outside}/")),
         "hello from outside"
     );
+    let tunnel = s.sh(
+        &b,
+        &format!(
+            "printf 'CONNECT localhost:{outside} HTTP/1.1\\r\\nHost: localhost:{outside}\\r\\n\\r\\nGET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | timeout 3 nc 127.0.0.1 3128; true"
+        ),
+    );
+    // (Under gVisor busybox nc lingers after the server closes; `timeout` ends it.)
+    assert!(
+        tunnel.starts_with("HTTP/1.1 200 Connection Established"),
+        "{tunnel}"
+    );
+    assert!(tunnel.ends_with("hello from outside"), "{tunnel}");
     for port in [other, s.port] {
         let r = run(
             &s,

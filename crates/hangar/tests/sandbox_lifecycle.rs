@@ -128,3 +128,21 @@ fn gvisor_lifecycle() {
     require("runsc", "runsc");
     lifecycle("gvisor");
 }
+
+/// The agent process is the image's command (or the sandbox's `command`); when it exits it is
+/// started again, with backoff.
+#[test]
+fn agent_process_restarts_when_it_exits() {
+    require("crun", "crun");
+    let rootfs = Rootfs::busybox();
+    let s = Server::start();
+    let id = s.create(json!({
+        "driver": "container", "image": rootfs.path(),
+        "command": ["sh", "-c", "date +%s%N >> /tmp/starts; sleep 0.1; exit 3"],
+    }));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let starts: usize = s.sh(&id, "wc -l < /tmp/starts").trim().parse().unwrap();
+    // 0.1 s runs with 0.2 s, 0.4 s, 0.8 s of backoff: about four starts in 1.5 s, not dozens.
+    assert!((2..=6).contains(&starts), "{starts} starts in 1.5 s");
+    s.delete(&id);
+}
