@@ -81,7 +81,13 @@ impl HostSockets {
         // The proxy's listener is a sandbox-loopback socket, not a host one, but this gVisor
         // refuses to checkpoint a listening TCP endpoint that epoll is watching ("endpoint
         // still has waiters upon save"), so it belongs to the generation too.
-        match bind_proxy(PROXY_PORT) {
+        // `HANGAR_PROXY_PORT` moves the proxy, for running hangar-init outside its sandbox
+        // (tests) next to another instance.
+        let port = std::env::var("HANGAR_PROXY_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(PROXY_PORT);
+        match bind_proxy(port) {
             Ok(listener) => {
                 gen.tasks.spawn(serve_proxy(
                     listener,
@@ -90,7 +96,7 @@ impl HostSockets {
                 ));
             }
             // Outside a sandbox (tests) the port may be taken; the agent just has no egress then.
-            Err(e) => log!("cannot serve the proxy on 127.0.0.1:{PROXY_PORT}: {e}"),
+            Err(e) => log!("cannot serve the proxy on 127.0.0.1:{port}: {e}"),
         }
         *current = Some(gen);
         log!("serving {} and {}", CONTROL_SOCKET, AGENT_SOCKET);

@@ -140,6 +140,9 @@ pub struct Checkpoint {
     /// How long the suspend took, in milliseconds.
     pub took_ms: u64,
     pub created_at: String,
+    /// Why less was kept than the driver can keep (a memory checkpoint that failed), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

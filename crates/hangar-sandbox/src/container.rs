@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hangar_proto::sandbox::{CheckpointMode, DriverKind};
 
 use crate::cmd;
-use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec};
+use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec, Suspended};
 use crate::link::InitLink;
 use crate::mounts;
 use crate::oci::{self, Flavor};
@@ -137,11 +137,14 @@ impl Driver for ContainerDriver {
         self.run(sb)
     }
 
-    fn suspend(&self, sb: &SandboxSpec, _link: &InitLink) -> Result<CheckpointMode, DriverError> {
+    fn suspend(&self, sb: &SandboxSpec, _link: &InitLink) -> Result<Suspended, DriverError> {
         self.stop(&sb.layout.id);
         // Unmounting flushes the volume; what remains is the volume image alone.
         mounts::unmount_rootfs(sb)?;
-        Ok(CheckpointMode::Filesystem)
+        Ok(Suspended {
+            mode: CheckpointMode::Filesystem,
+            note: None,
+        })
     }
 
     fn resume(&self, sb: &SandboxSpec) -> Result<Resumed, DriverError> {

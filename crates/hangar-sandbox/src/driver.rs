@@ -106,6 +106,14 @@ impl SandboxSpec<'_> {
     }
 }
 
+/// What [`Driver::suspend`] kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspended {
+    pub mode: CheckpointMode,
+    /// Why the driver kept less than it can (a memory checkpoint that failed), if it did.
+    pub note: Option<String>,
+}
+
 /// How [`Driver::resume`] brought a sandbox back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resumed {
@@ -162,7 +170,7 @@ pub trait Driver: Send + Sync {
 
     /// Suspends a running sandbox so that it holds no CPU and as little memory as the driver
     /// can manage, with every file the agent wrote on disk. `link` reaches `hangar-init`.
-    fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<CheckpointMode, DriverError>;
+    fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<Suspended, DriverError>;
 
     /// Continues a suspended sandbox: processes intact for memory checkpoints, else the
     /// agent starts again on its intact files. Returns once the runtime has started, saying

@@ -14,7 +14,7 @@ use hangar_proto::sandbox::{CheckpointMode, DriverKind};
 
 use crate::cmd::{self, CmdError};
 use crate::container::console;
-use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec};
+use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec, Suspended};
 use crate::link::InitLink;
 use crate::mounts;
 use crate::oci::{self, Flavor};
@@ -145,6 +145,35 @@ impl GvisorDriver {
         Ok(())
     }
 
+    /// Suspends without memory when `runsc checkpoint` failed: this runsc cannot save some
+    /// states (e.g. a listening TCP socket that epoll watches: "endpoint still has waiters upon
+    /// save"), and a failed checkpoint may take the sandbox down. hangar-init synced the
+    /// filesystems before the attempt, so the files are safe either way: stop what still runs
+    /// and keep the files, like the container driver.
+    fn suspend_files(&self, sb: &SandboxSpec, why: &str) -> Result<Suspended, DriverError> {
+        let id = &sb.layout.id;
+        tracing::warn!(sandbox = %id, error = %why, "memory checkpoint failed; suspending with files only");
+        if self.status(id).as_deref() == Some("running") {
+            let _ = cmd::run(self.runsc().args(["kill", id, "TERM"]));
+            let deadline = std::time::Instant::now() + Duration::from_secs(12);
+            while std::time::Instant::now() < deadline
+                && self.status(id).as_deref() == Some("running")
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = cmd::run(self.runsc().args(["kill", id, "KILL"]));
+        }
+        self.delete(id);
+        let _ = std::fs::remove_dir_all(sb.layout.checkpoint());
+        mounts::unmount_rootfs(sb)?;
+        Ok(Suspended {
+            mode: CheckpointMode::Filesystem,
+            note: Some(format!(
+                "the memory checkpoint failed, so processes were stopped and files kept ({why})"
+            )),
+        })
+    }
+
     /// Tells the restored hangar-init to bind its sockets again, until `control.sock` is back.
     /// Right after `restore -detach` returns, the sandbox may not take signals yet ("sandbox is
     /// not running"), and a signal can be lost while it settles; both are retried.
@@ -191,6 +220,21 @@ impl GvisorDriver {
     }
 }
 
+/// A short reason from `runsc checkpoint`'s error (which ends in a goroutine dump).
+fn checkpoint_failure(stderr: &str) -> String {
+    if stderr.contains("still has waiters upon save") {
+        return "this runsc cannot save a listening TCP socket that epoll watches".into();
+    }
+    if stderr.contains("bound host socket") {
+        return "a unix socket on the host side was still open".into();
+    }
+    let first = stderr
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("unknown error");
+    first.chars().take(200).collect()
+}
+
 /// Waits until process `pid` no longer exists (or `limit` passes).
 fn wait_gone(pid: i32, limit: Duration) {
     if pid <= 0 {
@@ -218,7 +262,7 @@ impl Driver for GvisorDriver {
         self.cold_start(sb)
     }
 
-    fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<CheckpointMode, DriverError> {
+    fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<Suspended, DriverError> {
         let id = &sb.layout.id;
         let t0 = std::time::Instant::now();
         let sandbox_pid = self.state(id).map(|(_, pid)| pid).unwrap_or(-1);
@@ -234,12 +278,20 @@ impl Driver for GvisorDriver {
         // starts in that instant fails with "bound host socket" and is simply tried again.
         let mut attempt = 0;
         loop {
-            let r = cmd::run(
+            // The reason for a failure sits in the middle of a long dump: read it whole.
+            let r = match cmd::output(
                 self.runsc()
                     .args(["checkpoint", "-image-path"])
                     .arg(&dir)
-                    .arg(id),
-            );
+                    .arg(id)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped()),
+            ) {
+                Ok(out) if out.status.success() => Ok(()),
+                Ok(out) => Err(checkpoint_failure(&String::from_utf8_lossy(&out.stderr))),
+                Err(e) => Err(e.to_string()),
+            };
             match r {
                 Ok(_) => break,
                 Err(e) if attempt < 20 && self.status(id).as_deref() == Some("running") => {
@@ -247,12 +299,7 @@ impl Driver for GvisorDriver {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => {
-                    // Still running (or not): hangar-init has let go of its sockets either way;
-                    // have it bind them again so that the sandbox stays usable.
-                    let _ = cmd::run(self.runsc().args(["kill", id, "USR2"]));
-                    return Err(DriverError::Checkpoint(e));
-                }
+                Err(e) => return self.suspend_files(sb, &e),
             }
         }
         let checkpointed = t0.elapsed();
@@ -263,7 +310,10 @@ impl Driver for GvisorDriver {
         self.delete(id);
         mounts::unmount_rootfs(sb)?;
         tracing::debug!(sandbox = %id, ?prepared, ?checkpointed, total = ?t0.elapsed(), attempts = attempt + 1, "gvisor suspend");
-        Ok(CheckpointMode::Memory)
+        Ok(Suspended {
+            mode: CheckpointMode::Memory,
+            note: None,
+        })
     }
 
     fn resume(&self, sb: &SandboxSpec) -> Result<Resumed, DriverError> {

@@ -21,7 +21,7 @@ mod reaper;
 mod record;
 mod volume;
 
-pub use driver::{Driver, DriverError, Layout, Recovered, Resumed};
+pub use driver::{Driver, DriverError, Layout, Recovered, Resumed, Suspended};
 pub use link::{InitLink, LinkError};
 pub use manager::{Config, SandboxError, Sandboxes};
 pub use probe::{probe_host, DriverProbe, HostProbe};

@@ -466,8 +466,8 @@ impl Sandboxes {
         self.save(&rec)?;
         let link = self.link(&rec);
         let result = self.drive(&rec, move |d, sb| d.suspend(sb, &link)).await?;
-        let mode = match result {
-            Ok(mode) => mode,
+        let kept = match result {
+            Ok(kept) => kept,
             Err(e) => {
                 // Where the suspend stopped decides what the sandbox is now: still running (the
                 // checkpoint was refused), or stopped with its files on disk.
@@ -499,7 +499,8 @@ impl Sandboxes {
             Err(e) => (0, format!("unavailable: {e}")),
         };
         rec.sandbox.checkpoint = Some(Checkpoint {
-            mode,
+            mode: kept.mode,
+            note: kept.note,
             bytes,
             hash,
             took_ms: t0.elapsed().as_millis() as u64,

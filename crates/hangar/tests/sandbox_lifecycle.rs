@@ -146,3 +146,31 @@ fn agent_process_restarts_when_it_exits() {
     assert!((2..=6).contains(&starts), "{starts} starts in 1.5 s");
     s.delete(&id);
 }
+
+/// When this runsc cannot checkpoint a sandbox (a listening TCP socket watched by epoll, as
+/// asyncio, Node and Go servers have), suspend still succeeds: processes stop, files stay,
+/// and the checkpoint says so.
+#[test]
+fn gvisor_suspend_falls_back_to_files_when_the_checkpoint_fails() {
+    require("runsc", "runsc");
+    let rootfs = Rootfs::busybox();
+    let s = Server::start();
+    let id = s.create(json!({"driver": "gvisor", "image": rootfs.path()}));
+    // A second hangar-init inside is a convenient epoll server on a TCP port.
+    s.sh(
+        &id,
+        r#"mkdir -p /tmp/x && echo keep > /data &&
+           echo '{"secret":"x","agent":null,"agent_port":9,"defaults":{"env":{},"user":"","cwd":""}}' > /tmp/x/init.json &&
+           (HANGAR_PROXY_PORT=3129 HANGAR_RUN_DIR=/tmp/x /.hangar/hangar-init > /dev/null 2>&1 &) ; sleep 0.5"#,
+    );
+    let r = s.call("POST", &format!("/v1/sandboxes/{id}/suspend"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cp = r.json()["checkpoint"].clone();
+    assert_eq!(cp["mode"], "filesystem", "{cp}");
+    assert!(cp["note"].as_str().unwrap().contains("epoll"), "{cp}");
+    let r = s.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["last_resume"]["mode"], "filesystem");
+    assert_eq!(s.sh(&id, "cat /data"), "keep\n");
+    s.delete(&id);
+}
