@@ -258,6 +258,17 @@ impl Sandboxes {
                 }
             })?;
 
+        // Layers become overlayfs `lowerdir=` entries, where ':' and ',' are separators.
+        if let Some(bad) = image
+            .layers
+            .iter()
+            .find(|l| l.to_string_lossy().contains([':', ',']))
+        {
+            return Err(SandboxError::Invalid(format!(
+                "image path {} contains ':' or ',', which overlayfs cannot take; move or rename it",
+                bad.display()
+            )));
+        }
         let id = format!("sb-{}", random_hex(6));
         let sandbox = Sandbox {
             id: id.clone(),

@@ -23,12 +23,15 @@ fn bad_input_is_refused_and_changes_nothing() {
     let rootfs = Rootfs::busybox();
     let s = Server::start_with(&["--max-upload-mib", "1"]);
     let image = rootfs.path().to_str().unwrap();
+    let colon = rootfs.path().join("with:colon");
+    std::fs::create_dir(&colon).unwrap();
 
     let cases = [
         (s.raw("POST", "/v1/sandboxes", b"{not json"), "invalid request body"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": image, "imgae": 1}))), "unknown field `imgae`"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "/no/such/image"}))), "/no/such/image"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "relative/path"}))), "absolute"),
+        (s.call("POST", "/v1/sandboxes", Some(&json!({"image": colon}))), "':'"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": image, "driver": "hyperdrive"}))), "hyperdrive"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": image, "resources": {"memory_mib": 1}}))), "memory_mib"),
         (
