@@ -39,6 +39,22 @@ pub struct Config {
     pub init_binary: PathBuf,
     /// Addresses no sandbox may reach through the egress proxy (Hangar's own listeners).
     pub forbidden: Vec<SocketAddr>,
+    /// Directories under which a plain root filesystem may be used as an image. Such a
+    /// directory becomes the sandbox's read-only root as it is, so without this anyone who can
+    /// call the API could have a sandbox read the host's own files (`"image": "/"`). OCI layouts
+    /// are copied into the store and may come from anywhere.
+    pub rootfs_roots: Vec<PathBuf>,
+}
+
+impl Config {
+    /// The default rootfs roots: Hangar's data directory and the system's temporary directories.
+    pub fn default_rootfs_roots(data_dir: &Path) -> Vec<PathBuf> {
+        vec![
+            data_dir.to_path_buf(),
+            PathBuf::from("/tmp"),
+            PathBuf::from("/var/tmp"),
+        ]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +274,27 @@ impl Sandboxes {
                 }
             })?;
 
+        if let Some(dir) = image.id.strip_prefix("rootfs:") {
+            let dir = Path::new(dir);
+            let allowed = self.inner.cfg.rootfs_roots.iter().any(|root| {
+                let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+                dir.starts_with(&root) && dir != root
+            });
+            if !allowed {
+                return Err(SandboxError::Invalid(format!(
+                    "{} is not under a directory that root filesystems may come from ({}); \
+                     use an OCI image layout, or start hangar serve with --rootfs-root",
+                    dir.display(),
+                    self.inner
+                        .cfg
+                        .rootfs_roots
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
         // Layers become overlayfs `lowerdir=` entries, where ':' and ',' are separators.
         if let Some(bad) = image
             .layers

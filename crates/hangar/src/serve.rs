@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// The largest file upload accepted, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_upload_mib: u64,
+    /// A directory under which plain root filesystems may be used as images (repeatable).
+    /// Default: the data directory, /tmp and /var/tmp. OCI layouts may come from anywhere.
+    #[arg(long = "rootfs-root", value_name = "DIR")]
+    rootfs_roots: Vec<PathBuf>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -55,6 +59,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         data_dir: data_dir.clone(),
         init_binary: init,
         forbidden: vec![local],
+        rootfs_roots: if args.rootfs_roots.is_empty() {
+            hangar_sandbox::Config::default_rootfs_roots(&data_dir)
+        } else {
+            args.rootfs_roots
+        },
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;

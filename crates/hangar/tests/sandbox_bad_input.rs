@@ -32,6 +32,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "/no/such/image"}))), "/no/such/image"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "relative/path"}))), "absolute"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": colon}))), "':'"),
+        // The host's own directories are not root filesystems a sandbox may get.
+        (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "/"}))), "--rootfs-root"),
+        (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "/etc"}))), "--rootfs-root"),
+        (s.call("POST", "/v1/sandboxes", Some(&json!({"image": "/tmp"}))), "--rootfs-root"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": image, "driver": "hyperdrive"}))), "hyperdrive"),
         (s.call("POST", "/v1/sandboxes", Some(&json!({"image": image, "resources": {"memory_mib": 1}}))), "memory_mib"),
         (
