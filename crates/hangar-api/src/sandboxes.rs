@@ -10,18 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use http_body_util::BodyExt;
-use hyper_method::Method;
 use serde::Deserialize;
 
 use hangar_proto::init::InitExecEvent;
 use hangar_proto::sandbox::{CreateSandbox, ExecEvent, ExecRequest, ExecResult, SandboxList};
-use hangar_sandbox::link::{self, LinkBody, LinkError};
+use hangar_sandbox::link::{self, FileOp, LinkError};
 
 use crate::{ApiError, AppState};
-
-mod hyper_method {
-    pub use axum::http::Method;
-}
 
 /// Parses a JSON body into `T`, with the serde message (which names the field and position).
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -185,17 +180,6 @@ impl PathQuery {
     }
 }
 
-/// Percent-encodes a query value (keeping `/`, which paths are full of, readable).
-pub fn encode(s: &str) -> String {
-    const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~')
-        .remove(b'/');
-    percent_encoding::utf8_percent_encode(s, QUERY).to_string()
-}
-
 /// Relays `hangar-init`'s answer (status, content type, streamed body) to the client.
 fn relay(resp: hyper::Response<hyper::body::Incoming>) -> Response {
     let (parts, body) = resp.into_parts();
@@ -212,12 +196,11 @@ fn relay(resp: hyper::Response<hyper::body::Incoming>) -> Response {
 async fn files_call(
     st: &AppState,
     id: &str,
-    method: Method,
-    path: String,
-    body: LinkBody,
+    op: FileOp,
+    q: &PathQuery,
 ) -> Result<Response, ApiError> {
     let link = st.sandboxes.running_link(id).await?;
-    Ok(relay(link.request(method, &path, body).await?))
+    Ok(relay(link.files(op, q.path()?, link::empty()).await?))
 }
 
 pub async fn read_file(
@@ -225,14 +208,7 @@ pub async fn read_file(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    files_call(
-        &st,
-        &id,
-        Method::GET,
-        format!("/files/content?path={}", encode(q.path()?)),
-        link::empty(),
-    )
-    .await
+    files_call(&st, &id, FileOp::Read, &q).await
 }
 
 pub async fn stat_file(
@@ -240,14 +216,7 @@ pub async fn stat_file(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    files_call(
-        &st,
-        &id,
-        Method::GET,
-        format!("/files?path={}", encode(q.path()?)),
-        link::empty(),
-    )
-    .await
+    files_call(&st, &id, FileOp::Stat, &q).await
 }
 
 pub async fn mkdir(
@@ -255,14 +224,7 @@ pub async fn mkdir(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    files_call(
-        &st,
-        &id,
-        Method::POST,
-        format!("/files/mkdir?path={}", encode(q.path()?)),
-        link::empty(),
-    )
-    .await
+    files_call(&st, &id, FileOp::Mkdir, &q).await
 }
 
 pub async fn delete_file(
@@ -270,12 +232,15 @@ pub async fn delete_file(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let path = format!(
-        "/files/content?path={}&recursive={}",
-        encode(q.path()?),
-        q.recursive
-    );
-    files_call(&st, &id, Method::DELETE, path, link::empty()).await
+    files_call(
+        &st,
+        &id,
+        FileOp::Remove {
+            recursive: q.recursive,
+        },
+        &q,
+    )
+    .await
 }
 
 pub async fn write_file(
@@ -299,7 +264,7 @@ pub async fn write_file(
     if declared.is_some_and(|n| n > st.max_upload) {
         return Err(too_large());
     }
-    let path = format!("/files/content?path={}", encode(q.path()?));
+    let path = q.path()?;
     // A body without a length is counted as it streams; crossing the limit aborts the
     // upload, and hangar-init then discards its temporary file, so nothing changes.
     let tripped = Arc::new(AtomicBool::new(false));
@@ -310,7 +275,7 @@ pub async fn write_file(
     });
     let link = st.sandboxes.running_link(&id).await?;
     match link
-        .request(Method::PUT, &path, limited.boxed_unsync())
+        .files(FileOp::Write, path, limited.boxed_unsync())
         .await
     {
         Ok(resp) => Ok(relay(resp)),

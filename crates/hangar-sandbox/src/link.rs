@@ -35,6 +35,21 @@ pub enum LinkError {
     Decode(String),
 }
 
+/// The files operations of `hangar-init`'s control API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOp {
+    Read,
+    /// Replace the file with the request body.
+    Write,
+    Remove {
+        recursive: bool,
+    },
+    /// The entry, and a directory's entries.
+    Stat,
+    /// Create the directory and its parents.
+    Mkdir,
+}
+
 #[derive(Debug, Clone)]
 pub struct InitLink {
     socket: PathBuf,
@@ -112,6 +127,28 @@ impl InitLink {
         let resp = self.request(Method::POST, "/suspend", empty()).await?;
         read_capped(resp.into_body()).await?;
         Ok(())
+    }
+
+    /// A files operation on `path` inside the sandbox; the answer (status, streamed body) is
+    /// the caller's to relay.
+    pub async fn files(
+        &self,
+        op: FileOp,
+        path: &str,
+        body: LinkBody,
+    ) -> Result<Response<Incoming>, LinkError> {
+        let q = hangar_proto::encode_query(path);
+        let (method, uri) = match op {
+            FileOp::Read => (Method::GET, format!("/files/content?path={q}")),
+            FileOp::Write => (Method::PUT, format!("/files/content?path={q}")),
+            FileOp::Remove { recursive } => (
+                Method::DELETE,
+                format!("/files/content?path={q}&recursive={recursive}"),
+            ),
+            FileOp::Stat => (Method::GET, format!("/files?path={q}")),
+            FileOp::Mkdir => (Method::POST, format!("/files/mkdir?path={q}")),
+        };
+        self.request(method, &uri, body).await
     }
 
     /// Starts a process; the events arrive as the process produces output.

@@ -107,14 +107,3 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .map_err(|never| match never {})
         .boxed_unsync()
 }
-
-/// Percent-encodes a query value (keeping `/`, which paths are full of, readable).
-pub fn encode(s: &str) -> String {
-    const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~')
-        .remove(b'/');
-    percent_encoding::utf8_percent_encode(s, QUERY).to_string()
-}

@@ -11,7 +11,9 @@ use serde_json::json;
 
 use hangar_proto::sandbox::{ExecEvent, Sandbox, SandboxList};
 
-use crate::client::{self, encode, Client};
+use hangar_proto::encode_query as encode;
+
+use crate::client::{self, Client};
 
 #[derive(Subcommand)]
 pub enum SandboxCmd {
