@@ -184,7 +184,14 @@ pub trait Driver: Send + Sync {
     /// Whether the sandbox's runtime still runs (used to fail fast when it dies while starting).
     fn alive(&self, sb: &SandboxSpec) -> bool;
 
-    /// After a restart of `hangar serve`: adopts a sandbox that still runs, or cleans up
-    /// what is left of one that does not so that it can be started again.
-    fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError>;
+    /// After a restart of `hangar serve`: adopts a sandbox that still runs (and whose
+    /// hangar-init still serves), or cleans up what is left of one that does not so that it
+    /// can be started again.
+    fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError> {
+        if self.alive(sb) && sb.layout.control_socket().exists() {
+            return Ok(Recovered::Adopted);
+        }
+        self.destroy(sb)?;
+        Ok(Recovered::Stopped)
+    }
 }

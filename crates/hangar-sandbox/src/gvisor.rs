@@ -14,7 +14,7 @@ use hangar_proto::sandbox::{CheckpointMode, DriverKind};
 
 use crate::cmd::{self, CmdError};
 use crate::container::console;
-use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec, Suspended};
+use crate::driver::{Driver, DriverError, Resumed, SandboxSpec, Suspended};
 use crate::link::InitLink;
 use crate::mounts;
 use crate::oci::{self, Flavor};
@@ -358,15 +358,5 @@ impl Driver for GvisorDriver {
 
     fn alive(&self, sb: &SandboxSpec) -> bool {
         self.status(&sb.layout.id).as_deref() == Some("running")
-    }
-
-    fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError> {
-        if self.status(&sb.layout.id).as_deref() == Some("running")
-            && sb.layout.control_socket().exists()
-        {
-            return Ok(Recovered::Adopted);
-        }
-        self.destroy(sb)?;
-        Ok(Recovered::Stopped)
     }
 }
