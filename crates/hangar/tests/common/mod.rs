@@ -21,13 +21,9 @@ pub fn require(program: &str, package: &str) {
 
 pub fn require_root() {
     assert!(
-        nix_is_root(),
+        nix::unistd::geteuid().is_root(),
         "this test needs root (sandboxes need mounts, namespaces and cgroups); run it as root"
     );
-}
-
-fn nix_is_root() -> bool {
-    nix::unistd::geteuid().is_root()
 }
 
 fn bin_dir() -> PathBuf {
