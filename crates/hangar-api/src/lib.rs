@@ -5,6 +5,7 @@
 //! state of its own and never touches a runtime directly.
 
 mod error;
+mod images;
 mod sandboxes;
 
 use axum::routing::{get, post};
@@ -16,6 +17,8 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub sandboxes: Sandboxes,
+    pub images: hangar_build::Images,
+    pub agents: hangar_agents::Agents,
     /// The largest file upload accepted, in bytes.
     pub max_upload: u64,
 }
@@ -27,6 +30,8 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
         )
         .route("/v1/doctor", get(sandboxes::doctor))
+        // images.rs: build, import, bootstrap, list.
+        // (routes for /v1/images go here)
         .route(
             "/v1/sandboxes",
             post(sandboxes::create).get(sandboxes::list),

@@ -1,9 +1,10 @@
 //! Wire types shared by Hangar's HTTP API, its CLI and `hangar-init`.
 //!
 //! This crate is serde types and the one encoding rule they need on the wire (query values):
-//! no I/O, no validation beyond what serde does, no dependency on any runtime. Request bodies reject unknown fields so that a typo in a
+//! no I/O, no validation beyond what serde does and the spec's own range checks, no dependency on any runtime. Request bodies reject unknown fields so that a typo in a
 //! client is an error instead of a silently ignored setting.
 
+pub mod agent;
 pub mod error;
 pub mod init;
 pub mod sandbox;

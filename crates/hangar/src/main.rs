@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod doctor;
+mod images_cmd;
 mod sandbox_cmd;
 mod serve;
 
@@ -41,6 +42,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build, import and list images.
+    #[command(subcommand)]
+    Images(images_cmd::ImagesCmd),
     /// Manage sandboxes directly.
     #[command(subcommand)]
     Sandbox(sandbox_cmd::SandboxCmd),
@@ -59,6 +63,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Doctor { json } => doctor::run(json),
+            Command::Images(cmd) => images_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Sandbox(cmd) => sandbox_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.url, cmd).await,
         }

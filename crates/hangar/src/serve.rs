@@ -67,8 +67,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = hangar_store::Store::open(&data_dir.join("hangar.db"))
+        .await
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    let images = hangar_build::Images::new(data_dir.clone(), store.clone());
+    let agents = hangar_agents::Agents {};
     let app = hangar_api::router(hangar_api::AppState {
         sandboxes,
+        images,
+        agents,
         max_upload: args.max_upload_mib * 1024 * 1024,
     });
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");

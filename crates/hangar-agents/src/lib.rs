@@ -1,0 +1,4 @@
+//! Agents, versions and sessions.
+
+#[derive(Clone)]
+pub struct Agents {}

@@ -1,0 +1,1 @@
+//! `/v1/images`: build, import, bootstrap, list.

@@ -1,0 +1,542 @@
+//! Agents, versions, traffic, sessions and images: the API of `/v1/agents`, `/v1/sessions`
+//! and `/v1/images`, and [`AgentSpec`], the typed form of `agent.yaml`.
+//!
+//! `agent.yaml` is parsed by the CLI (which can name the line of a mistake) into an
+//! [`AgentSpec`] and sent as JSON; the server parses the same type with unknown keys
+//! refused, so a spec is validated the same way whichever way it arrives.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::sandbox::{Checkpoint, DriverKind, EgressPolicyKind};
+
+/// `agent.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// A DNS label: lowercase letters, digits and `-`, 1 to 63 characters.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub build: BuildSpec,
+    /// The protocols the container implements natively.
+    #[serde(default = "default_protocols")]
+    pub protocols: Vec<Protocol>,
+    #[serde(default)]
+    pub isolation: DriverKind,
+    #[serde(default)]
+    pub resources: AgentResources,
+    /// Scale to zero after this long without a request.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// How long a session (and its volume) is kept after its last request.
+    #[serde(default = "default_retention")]
+    pub session_retention: HumanDuration,
+    /// How long a new sandbox may take before `GET /readiness` answers 200.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: HumanDuration,
+    /// The port the agent listens on inside its sandbox (`PORT` is set to it).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: Network,
+}
+
+fn default_protocols() -> Vec<Protocol> {
+    vec![Protocol::Responses]
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(15 * 60))
+}
+fn default_retention() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 24 * 3600))
+}
+fn default_startup_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_port() -> u16 {
+    crate::init::DEFAULT_AGENT_PORT
+}
+
+impl AgentSpec {
+    /// Checks what serde cannot: the name, ranges, exactly one build source.
+    pub fn validate(&self) -> Result<(), String> {
+        valid_agent_name(&self.name)?;
+        self.build.source()?;
+        let r = &self.resources;
+        if !(r.cpus > 0.0 && r.cpus <= 256.0) {
+            return Err(format!("resources.cpus must be > 0 and <= 256, not {}", r.cpus));
+        }
+        if r.memory.0 < 16 * MIB {
+            return Err("resources.memory must be at least 16Mi".into());
+        }
+        if r.disk.0 < 16 * MIB {
+            return Err("resources.disk must be at least 16Mi".into());
+        }
+        if r.pids < 8 {
+            return Err("resources.pids must be at least 8".into());
+        }
+        if self.idle_timeout.0 < Duration::from_secs(1) {
+            return Err("idle_timeout must be at least 1s".into());
+        }
+        if self.session_retention.0 < self.idle_timeout.0 {
+            return Err("session_retention must not be shorter than idle_timeout".into());
+        }
+        if self.port == 0 {
+            return Err("port must not be 0".into());
+        }
+        if self.protocols.is_empty() {
+            return Err("protocols must name at least one protocol".into());
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(format!("env key {k:?} is not a valid variable name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Agent names become URL path segments and, later, DNS labels.
+pub fn valid_agent_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent name {name:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// Where the image comes from: exactly one of the fields.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSpec {
+    /// A Dockerfile, relative to `context` (default: the agent's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// An image already in Hangar's store, by name or id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// An OCI image layout directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<String>,
+    /// A plain root filesystem directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildSource<'a> {
+    Dockerfile(&'a str),
+    Image(&'a str),
+    Oci(&'a str),
+    Rootfs(&'a str),
+}
+
+impl BuildSpec {
+    pub fn source(&self) -> Result<BuildSource<'_>, String> {
+        let mut found = vec![];
+        if let Some(d) = &self.dockerfile {
+            found.push(BuildSource::Dockerfile(d));
+        }
+        if let Some(d) = &self.image {
+            found.push(BuildSource::Image(d));
+        }
+        if let Some(d) = &self.oci {
+            found.push(BuildSource::Oci(d));
+        }
+        if let Some(d) = &self.rootfs {
+            found.push(BuildSource::Rootfs(d));
+        }
+        if self.context.is_some() && self.dockerfile.is_none() {
+            return Err("build.context only goes with build.dockerfile".into());
+        }
+        match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err("build needs one of dockerfile, image, oci or rootfs".into()),
+            _ => Err("build takes only one of dockerfile, image, oci or rootfs".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Responses,
+    Invocations,
+    Activity,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentResources {
+    pub cpus: f64,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+    pub pids: u64,
+}
+
+impl Default for AgentResources {
+    fn default() -> Self {
+        AgentResources {
+            cpus: 1.0,
+            memory: ByteSize(512 * MIB),
+            disk: ByteSize(2048 * MIB),
+            pids: 512,
+        }
+    }
+}
+
+impl AgentResources {
+    pub fn to_sandbox(&self) -> crate::sandbox::Resources {
+        crate::sandbox::Resources {
+            cpus: self.cpus,
+            memory_mib: self.memory.0.div_ceil(MIB),
+            disk_mib: self.disk.0.div_ceil(MIB),
+            pids: self.pids,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    pub egress: EgressPolicyKind,
+    pub allow: Vec<String>,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// A size written the Kubernetes way: `512Mi`, `2Gi`, `1G`, `100M`, or bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 512Mi or 2Gi"))?;
+        let mult: u64 = match unit {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            "Ti" => 1 << 40,
+            "k" | "K" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "T" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?}; use Ki, Mi, Gi, Ti (or k, M, G, T)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, m) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+            if self.0 >= m && self.0 % m == 0 {
+                return write!(f, "{}{unit}", self.0 / m);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written like `30s`, `15m`, `2h`, `30d` (or a number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        if self.0.subsec_nanos() != 0 {
+            return write!(f, "{}ms", self.0.as_millis());
+        }
+        for (unit, m) in [("d", 86400), ("h", 3600), ("m", 60)] {
+            if secs >= m && secs % m == 0 {
+                return write!(f, "{}{unit}", secs / m);
+            }
+        }
+        write!(f, "{secs}s")
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| format!("{s:?} is not a duration like 30s, 15m, 2h or 30d: {e}"))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `POST /v1/agents/{name}/versions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// An image in Hangar's store, by id (`sha256:…`) or name.
+    pub image: String,
+    pub spec: AgentSpec,
+    /// The new version's share of traffic (0..=100). The first version always gets 100;
+    /// a later one gets this (taken proportionally from the others), or 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Version {
+    pub agent: String,
+    pub number: i64,
+    pub image: String,
+    pub spec: AgentSpec,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrafficSplit {
+    /// Version number → weight in percent; weights sum to 100.
+    pub weights: BTreeMap<i64, i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Agent {
+    pub name: String,
+    pub description: String,
+    pub versions: Vec<i64>,
+    pub traffic: BTreeMap<i64, i64>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Sessions by state.
+    pub sessions: BTreeMap<String, u64>,
+    /// The stable endpoint, relative to the server's URL.
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentList {
+    pub agents: Vec<Agent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionList {
+    pub versions: Vec<Version>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    Creating,
+    /// A request is in flight.
+    Running,
+    /// Running, with no request in flight.
+    Idle,
+    Suspending,
+    Suspended,
+    Resuming,
+    Failed,
+    Deleted,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Creating => "creating",
+            SessionState::Running => "running",
+            SessionState::Idle => "idle",
+            SessionState::Suspending => "suspending",
+            SessionState::Suspended => "suspended",
+            SessionState::Resuming => "resuming",
+            SessionState::Failed => "failed",
+            SessionState::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::str::FromStr for SessionState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "creating" => SessionState::Creating,
+            "running" => SessionState::Running,
+            "idle" => SessionState::Idle,
+            "suspending" => SessionState::Suspending,
+            "suspended" => SessionState::Suspended,
+            "resuming" => SessionState::Resuming,
+            "failed" => SessionState::Failed,
+            "deleted" => SessionState::Deleted,
+            other => return Err(format!("unknown session state {other:?}")),
+        })
+    }
+}
+
+impl fmt::Display for SessionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/agents/{name}/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    pub isolation_key: String,
+    /// Pin a version; default: picked by the traffic weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Session {
+    pub id: String,
+    pub agent: String,
+    pub version: i64,
+    pub isolation_key: String,
+    pub state: SessionState,
+    pub sandbox: Option<String>,
+    pub created_at: String,
+    pub last_activity: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The agent process as `hangar-init` reports it (running sessions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_process: Option<crate::init::AgentStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionList {
+    pub sessions: Vec<Session>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub created_at: String,
+    /// Bytes of the image's layers as stored (compressed).
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageList {
+    pub images: Vec<ImageInfo>,
+}
+
+/// Header naming the session a data-plane request belongs to (set on every answer).
+pub const SESSION_HEADER: &str = "x-agent-session-id";
+/// Header by which a trusted caller names the end user (the isolation key).
+pub const USER_HEADER: &str = "x-agent-user-id";
+/// Header on every platform-made error: `platform`, `user` or `upstream`.
+pub const ERROR_SOURCE_HEADER: &str = "x-platform-error-source";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_round_trip() {
+        for (s, n) in [("512Mi", 512 << 20), ("2Gi", 2 << 30), ("1G", 1_000_000_000u64), ("4096", 4096)] {
+            let b: ByteSize = s.parse().unwrap();
+            assert_eq!(b.0, n);
+            assert_eq!(b.to_string().parse::<ByteSize>().unwrap(), b);
+        }
+        assert!("12Qi".parse::<ByteSize>().is_err());
+        assert!("Mi".parse::<ByteSize>().is_err());
+        for (s, secs) in [("15m", 900), ("30d", 30 * 86400), ("10s", 10), ("2h", 7200)] {
+            let d: HumanDuration = s.parse().unwrap();
+            assert_eq!(d.0.as_secs(), secs);
+            assert_eq!(d.to_string(), s);
+        }
+        assert!("soon".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn spec_defaults_and_validation() {
+        let spec: AgentSpec =
+            serde_json::from_str(r#"{"name": "notes", "build": {"dockerfile": "Dockerfile"}}"#)
+                .unwrap();
+        assert_eq!(spec.port, 8088);
+        assert_eq!(spec.idle_timeout.0.as_secs(), 900);
+        spec.validate().unwrap();
+        let bad: Result<AgentSpec, _> =
+            serde_json::from_str(r#"{"name": "notes", "build": {}, "idle_timout": "1m"}"#);
+        assert!(bad.unwrap_err().to_string().contains("idle_timout"));
+        let mut two = spec.clone();
+        two.build.image = Some("x".into());
+        assert!(two.validate().unwrap_err().contains("only one"));
+        let mut name = spec;
+        name.name = "Notes".into();
+        assert!(name.validate().is_err());
+    }
+}
