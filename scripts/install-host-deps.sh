@@ -14,6 +14,9 @@ packages=(
   curl             # the tests' HTTP client
   procps           # ps, for checking that nothing is left behind
   buildah          # builds OCI images from Dockerfiles (and the tests' images)
+  debootstrap      # `hangar images bootstrap debian:bookworm`
+  python3          # the tests' clients (the openai SDK)
+  python3-venv     # a venv for the tests' Python packages
 )
 
 missing=()
