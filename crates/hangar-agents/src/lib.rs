@@ -1,4 +1,1138 @@
-//! Agents, versions and sessions.
+//! Agents, versions and sessions: the service behind `/v1/agents`, `/v1/sessions` and the
+//! data plane.
+//!
+//! A session is a row in the store and a sandbox. Every state transition is written to the
+//! store before it is acted on, so that `hangar serve` can be restarted at any point and
+//! [`Agents::open`] reconciles each session with what its sandbox really is.
+//!
+//! Per session, a [`Live`] entry holds what changes on every request and is not worth a
+//! write each time: the number of requests in flight and the time of the last one (flushed
+//! to the store by the scheduler). Its async lock serialises the transitions (create,
+//! suspend, resume, delete); a request holds it only while it makes sure the sandbox runs
+//! and counts itself in, so that the scheduler can never suspend a session with a request
+//! in flight.
+
+mod agent_link;
+mod error;
+mod scheduler;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Mutex;
+
+use hangar_proto::agent::{Agent, AgentSpec, DeployRequest, Session, SessionState, Version};
+use hangar_proto::sandbox::{Checkpoint, CreateSandbox, Egress, SandboxState};
+use hangar_sandbox::{SandboxError, Sandboxes};
+use hangar_store::{RefKind, SessionRow, Store, VersionRow};
+
+pub use agent_link::{connect, BoxError};
+pub use error::{AgentsError, ErrorSource};
+
+/// Node-wide settings of the session service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Sandboxes that may run at once on this node; past it the least recently used idle
+    /// session is suspended.
+    pub max_running: usize,
+    /// How often the scheduler looks for idle and expired sessions.
+    pub tick: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_running: 64,
+            tick: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a session needs from its version, cached (versions are immutable).
+#[derive(Debug)]
+struct VersionInfo {
+    spec: AgentSpec,
+    layout: String,
+}
+
+struct Live {
+    id: String,
+    agent: String,
+    version: i64,
+    /// Serialises transitions; see the module documentation.
+    lock: Mutex<()>,
+    inflight: AtomicUsize,
+    /// The persisted state, mirrored (written under `lock`).
+    state: StdMutex<SessionState>,
+    last_activity: StdMutex<SystemTime>,
+    /// `last_activity` changed since it was last written to the store.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    fn state(&self) -> SessionState {
+        *self.state.lock().unwrap()
+    }
+    fn touch(&self) {
+        *self.last_activity.lock().unwrap() = SystemTime::now();
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+    fn last_activity(&self) -> SystemTime {
+        *self.last_activity.lock().unwrap()
+    }
+}
+
+struct Inner {
+    store: Store,
+    sandboxes: Sandboxes,
+    cfg: Config,
+    live: StdMutex<HashMap<String, Arc<Live>>>,
+    versions: StdMutex<HashMap<(String, i64), Arc<VersionInfo>>>,
+}
 
 #[derive(Clone)]
-pub struct Agents {}
+pub struct Agents {
+    inner: Arc<Inner>,
+}
+
+/// A request's hold on a running session: while it lives, the session is not suspended.
+pub struct Lease {
+    live: Arc<Live>,
+    pub session_id: String,
+    /// The host side of the session's `agent.sock`.
+    pub socket: PathBuf,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.live.touch();
+        self.live.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How a data-plane request names its session.
+#[derive(Debug, Clone, Default)]
+pub struct Route {
+    /// `agent_session_id` (body or query) or `x-agent-session-id`.
+    pub session_id: Option<String>,
+    pub previous_response_id: Option<String>,
+    pub conversation: Option<String>,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn parse_time(s: &str) -> SystemTime {
+    humantime::parse_rfc3339_weak(s).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf).expect("the OS random source works");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Agents {
+    /// Loads every session from the store and reconciles it with its sandbox (which
+    /// `Sandboxes::open` has recovered), then starts the scheduler.
+    pub async fn open(
+        store: Store,
+        sandboxes: Sandboxes,
+        cfg: Config,
+    ) -> Result<Agents, AgentsError> {
+        let me = Agents {
+            inner: Arc::new(Inner {
+                store,
+                sandboxes,
+                cfg,
+                live: StdMutex::new(HashMap::new()),
+                versions: StdMutex::new(HashMap::new()),
+            }),
+        };
+        me.recover().await?;
+        tokio::spawn(scheduler::run(me.clone()));
+        Ok(me)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    async fn recover(&self) -> Result<(), AgentsError> {
+        let rows = self.inner.store.all_sessions().await?;
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for row in &rows {
+            let stored: SessionState = row.state.parse().unwrap_or(SessionState::Failed);
+            let sandbox = match &row.sandbox_id {
+                Some(id) => self.inner.sandboxes.get(id).await.ok(),
+                None => None,
+            };
+            let (state, error) = match (stored, sandbox.map(|s| s.state)) {
+                (SessionState::Failed, _) => (SessionState::Failed, row.error.clone()),
+                (SessionState::Creating, sb) => {
+                    if let (Some(id), Some(_)) = (&row.sandbox_id, sb) {
+                        let _ = self.inner.sandboxes.delete(id).await;
+                    }
+                    (
+                        SessionState::Failed,
+                        Some("hangar serve stopped while the session was being created".into()),
+                    )
+                }
+                (_, Some(SandboxState::Running)) => (SessionState::Running, None),
+                (_, Some(SandboxState::Suspended)) => (SessionState::Suspended, None),
+                // A failed sandbox keeps its files; the next request starts it again.
+                (_, Some(SandboxState::Failed)) => (SessionState::Suspended, None),
+                (_, _) => (
+                    SessionState::Failed,
+                    Some("the session's sandbox is gone".to_string()),
+                ),
+            };
+            if state != stored || error != row.error {
+                self.inner
+                    .store
+                    .set_session_state(
+                        &row.id,
+                        state.as_str(),
+                        row.sandbox_id.as_deref(),
+                        row.checkpoint.as_ref(),
+                        error.as_deref(),
+                    )
+                    .await?;
+            }
+            *counts.entry(state.as_str()).or_default() += 1;
+            self.add_live(row, state);
+        }
+        if !rows.is_empty() {
+            tracing::info!(?counts, "sessions recovered");
+        }
+        Ok(())
+    }
+
+    fn add_live(&self, row: &SessionRow, state: SessionState) -> Arc<Live> {
+        let live = Arc::new(Live {
+            id: row.id.clone(),
+            agent: row.agent.clone(),
+            version: row.version,
+            lock: Mutex::new(()),
+            inflight: AtomicUsize::new(0),
+            state: StdMutex::new(state),
+            last_activity: StdMutex::new(parse_time(&row.last_activity)),
+            dirty: Default::default(),
+        });
+        self.inner
+            .live
+            .lock()
+            .unwrap()
+            .insert(row.id.clone(), live.clone());
+        live
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Live>> {
+        self.inner.live.lock().unwrap().get(id).cloned()
+    }
+
+    fn all_live(&self) -> Vec<Arc<Live>> {
+        self.inner.live.lock().unwrap().values().cloned().collect()
+    }
+
+    async fn version_info(
+        &self,
+        agent: &str,
+        number: i64,
+    ) -> Result<Arc<VersionInfo>, AgentsError> {
+        let key = (agent.to_owned(), number);
+        if let Some(v) = self.inner.versions.lock().unwrap().get(&key) {
+            return Ok(v.clone());
+        }
+        let row = self
+            .inner
+            .store
+            .version(agent, number)
+            .await?
+            .ok_or_else(|| {
+                AgentsError::NotFound(format!("agent {agent:?} has no version {number}"))
+            })?;
+        let spec: AgentSpec = serde_json::from_value(row.spec.clone())
+            .map_err(|e| AgentsError::Store(hangar_store::StoreError::Json(e)))?;
+        let image = self
+            .inner
+            .store
+            .image(&row.image_id)
+            .await?
+            .ok_or_else(|| AgentsError::NotFound(format!("image {} is gone", row.image_id)))?;
+        let info = Arc::new(VersionInfo {
+            spec,
+            layout: image.layout,
+        });
+        self.inner
+            .versions
+            .lock()
+            .unwrap()
+            .insert(key, info.clone());
+        Ok(info)
+    }
+
+    // ---- agents and versions ----
+
+    pub async fn deploy(&self, name: &str, req: DeployRequest) -> Result<Version, AgentsError> {
+        req.spec.validate().map_err(AgentsError::Invalid)?;
+        if req.spec.name != name {
+            return Err(AgentsError::Invalid(format!(
+                "the spec names agent {:?}, but it is being deployed as {name:?}",
+                req.spec.name
+            )));
+        }
+        if req.traffic.is_some_and(|t| t > 100) {
+            return Err(AgentsError::Invalid("traffic must be 0..=100".into()));
+        }
+        if req.spec.isolation != hangar_proto::sandbox::DriverKind::Auto {
+            self.inner
+                .sandboxes
+                .probe()
+                .available(req.spec.isolation)
+                .map_err(|e| AgentsError::Invalid(format!("isolation: {e}")))?;
+        }
+        let image = self.inner.store.image(&req.image).await?.ok_or_else(|| {
+            AgentsError::NotFound(format!(
+                "no image {:?}; build or import it first",
+                req.image
+            ))
+        })?;
+        let spec = serde_json::to_value(&req.spec).expect("spec serialises");
+        let row = self
+            .inner
+            .store
+            .deploy(
+                name,
+                &image.id,
+                &spec,
+                req.traffic.map(i64::from),
+                &now_rfc3339(),
+            )
+            .await?;
+        tracing::info!(agent = name, version = row.number, image = %image.id, "deployed");
+        version_view(row)
+    }
+
+    pub async fn agents(&self) -> Result<Vec<Agent>, AgentsError> {
+        let mut out = vec![];
+        for a in self.inner.store.agents().await? {
+            out.push(self.agent_view(a).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn agent(&self, name: &str) -> Result<Agent, AgentsError> {
+        let a = self
+            .inner
+            .store
+            .agent(name)
+            .await?
+            .ok_or_else(|| no_agent(name))?;
+        self.agent_view(a).await
+    }
+
+    async fn agent_view(&self, a: hangar_store::AgentRow) -> Result<Agent, AgentsError> {
+        let versions = self.inner.store.versions(&a.name).await?;
+        let traffic = self.inner.store.traffic(&a.name).await?;
+        let mut sessions: BTreeMap<String, u64> = BTreeMap::new();
+        for l in self.all_live() {
+            if l.agent == a.name {
+                *sessions.entry(self.view_state(&l).to_string()).or_default() += 1;
+            }
+        }
+        let description = versions
+            .last()
+            .and_then(|v| v.spec.get("description"))
+            .and_then(|d| d.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Agent {
+            endpoint: format!("/agents/{}", a.name),
+            name: a.name,
+            description,
+            versions: versions.iter().map(|v| v.number).collect(),
+            traffic: traffic.into_iter().collect(),
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+            sessions,
+        })
+    }
+
+    pub async fn versions(&self, name: &str) -> Result<Vec<Version>, AgentsError> {
+        self.require_agent(name).await?;
+        self.inner
+            .store
+            .versions(name)
+            .await?
+            .into_iter()
+            .map(version_view)
+            .collect()
+    }
+
+    pub async fn set_traffic(
+        &self,
+        name: &str,
+        weights: &BTreeMap<i64, i64>,
+    ) -> Result<(), AgentsError> {
+        self.require_agent(name).await?;
+        let split: Vec<(i64, i64)> = weights.iter().map(|(v, w)| (*v, *w)).collect();
+        self.inner.store.set_traffic(name, &split).await?;
+        tracing::info!(agent = name, ?weights, "traffic set");
+        Ok(())
+    }
+
+    /// Deletes an agent, every session of it and their sandboxes.
+    pub async fn delete_agent(&self, name: &str) -> Result<(), AgentsError> {
+        self.require_agent(name).await?;
+        for l in self.all_live() {
+            if l.agent == name {
+                self.delete_session(&l.id, None).await?;
+            }
+        }
+        self.inner.store.delete_agent(name).await?;
+        self.inner
+            .versions
+            .lock()
+            .unwrap()
+            .retain(|(a, _), _| a != name);
+        Ok(())
+    }
+
+    async fn require_agent(&self, name: &str) -> Result<(), AgentsError> {
+        match self.inner.store.agent(name).await? {
+            Some(_) => Ok(()),
+            None => Err(no_agent(name)),
+        }
+    }
+
+    // ---- sessions ----
+
+    /// Creates a session for `isolation_key`, on `version` or one picked by the traffic
+    /// weights, and waits until its agent is ready.
+    pub async fn create_session(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        version: Option<i64>,
+    ) -> Result<Session, AgentsError> {
+        let live = self.new_session(agent, isolation_key, version).await?;
+        self.session_view(&live.id, None).await
+    }
+
+    async fn new_session(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        version: Option<i64>,
+    ) -> Result<Arc<Live>, AgentsError> {
+        if isolation_key.is_empty() || isolation_key.len() > 256 {
+            return Err(AgentsError::Invalid(
+                "isolation_key must be 1 to 256 bytes".into(),
+            ));
+        }
+        self.require_agent(agent).await?;
+        let version = match version {
+            Some(v) => v,
+            None => pick_version(&self.inner.store.traffic(agent).await?).ok_or_else(|| {
+                AgentsError::Conflict(format!("agent {agent:?} has no version with traffic"))
+            })?,
+        };
+        let info = self.version_info(agent, version).await?;
+        let id = format!("sess_{}", random_hex(12));
+        let now = now_rfc3339();
+        let row = SessionRow {
+            id: id.clone(),
+            agent: agent.to_owned(),
+            version,
+            isolation_key: isolation_key.to_owned(),
+            state: SessionState::Creating.as_str().into(),
+            sandbox_id: None,
+            created_at: now.clone(),
+            last_activity: now,
+            checkpoint: None,
+            error: None,
+        };
+        self.inner.store.create_session(&row).await?;
+        let live = self.add_live(&row, SessionState::Creating);
+        let guard = live.lock.lock().await;
+        let result = async {
+            self.make_room(&live.id).await?;
+            let spec = &info.spec;
+            let mut env = spec.env.clone();
+            env.insert("PORT".into(), spec.port.to_string());
+            env.insert("FOUNDRY_AGENT_NAME".into(), agent.to_owned());
+            env.insert("FOUNDRY_AGENT_VERSION".into(), version.to_string());
+            env.insert("FOUNDRY_AGENT_ID".into(), format!("{agent}:{version}"));
+            env.insert("FOUNDRY_AGENT_SESSION_ID".into(), id.clone());
+            env.insert("FOUNDRY_HOSTING_ENVIRONMENT".into(), "hangar".into());
+            let sb = self
+                .inner
+                .sandboxes
+                .create(CreateSandbox {
+                    driver: spec.isolation,
+                    image: info.layout.clone(),
+                    resources: spec.resources.to_sandbox(),
+                    env,
+                    egress: Egress {
+                        policy: spec.network.egress,
+                        allow: spec.network.allow.clone(),
+                    },
+                    command: None,
+                })
+                .await?;
+            self.inner
+                .store
+                .set_session_state(
+                    &id,
+                    SessionState::Creating.as_str(),
+                    Some(&sb.id),
+                    None,
+                    None,
+                )
+                .await?;
+            if let Err(e) = self.wait_agent(&sb.id, spec.startup_timeout.0).await {
+                let _ = self.inner.sandboxes.delete(&sb.id).await;
+                return Err(e);
+            }
+            Ok::<_, AgentsError>(sb.id)
+        }
+        .await;
+        match result {
+            Ok(sandbox) => {
+                self.set_state(&live, SessionState::Running, Some(&sandbox), None, None)
+                    .await?;
+                live.touch();
+                tracing::info!(session = %id, agent, version, %sandbox, "session created");
+                drop(guard);
+                Ok(live)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(session = %id, agent, error = %msg, "session failed to start");
+                self.set_state(&live, SessionState::Failed, None, None, Some(&msg))
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the agent's readiness, failing early if its process cannot start.
+    async fn wait_agent(&self, sandbox: &str, timeout: Duration) -> Result<(), AgentsError> {
+        let socket = self.inner.sandboxes.agent_socket(sandbox);
+        let sandboxes = &self.inner.sandboxes;
+        let waited = agent_link::wait_ready(&socket, timeout, || async move {
+            let link = sandboxes
+                .running_link(sandbox)
+                .await
+                .map_err(|e| e.to_string())?;
+            let health = link.health().await.map_err(|e| e.to_string())?;
+            if health.agent.state == hangar_proto::init::AgentState::Failed {
+                return Err(format!(
+                    "the agent process cannot start: {}",
+                    health.agent.last_error.unwrap_or_default()
+                ));
+            }
+            Ok(())
+        })
+        .await;
+        waited.map_err(|e| {
+            let log = self.log_tail(sandbox, 20);
+            AgentsError::Agent(if log.is_empty() {
+                e
+            } else {
+                format!("{e}; the agent's log ends with:\n{log}")
+            })
+        })
+    }
+
+    fn log_tail(&self, sandbox: &str, lines: usize) -> String {
+        let log = std::fs::read(self.inner.sandboxes.console_log(sandbox)).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log[log.len().saturating_sub(64 * 1024)..]).into_owned();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    async fn set_state(
+        &self,
+        live: &Live,
+        state: SessionState,
+        sandbox: Option<&str>,
+        checkpoint: Option<&Checkpoint>,
+        error: Option<&str>,
+    ) -> Result<(), AgentsError> {
+        let checkpoint =
+            checkpoint.map(|c| serde_json::to_value(c).expect("checkpoint serialises"));
+        self.inner
+            .store
+            .set_session_state(
+                &live.id,
+                state.as_str(),
+                sandbox,
+                checkpoint.as_ref(),
+                error,
+            )
+            .await?;
+        *live.state.lock().unwrap() = state;
+        Ok(())
+    }
+
+    /// Suspends least recently used idle sessions until a new sandbox fits under the cap.
+    async fn make_room(&self, except: &str) -> Result<(), AgentsError> {
+        loop {
+            let mut running: Vec<Arc<Live>> = self
+                .all_live()
+                .into_iter()
+                .filter(|l| {
+                    l.id != except
+                        && matches!(
+                            l.state(),
+                            SessionState::Running | SessionState::Creating | SessionState::Resuming
+                        )
+                })
+                .collect();
+            if running.len() < self.inner.cfg.max_running {
+                return Ok(());
+            }
+            running.retain(|l| {
+                l.state() == SessionState::Running && l.inflight.load(Ordering::Acquire) == 0
+            });
+            running.sort_by_key(|l| l.last_activity());
+            let Some(victim) = running.first() else {
+                return Err(AgentsError::Capacity(format!(
+                    "this node runs its maximum of {} sandboxes and all of them are busy; try again shortly",
+                    self.inner.cfg.max_running
+                )));
+            };
+            tracing::info!(session = %victim.id, "suspending the least recently used session to make room");
+            // Another request may have taken it meanwhile; then the loop looks again.
+            let _ = self.suspend_if_idle(victim, None).await;
+        }
+    }
+
+    /// Finds the session a data-plane request belongs to, creating one if nothing names
+    /// one, and makes sure it runs. `created` tells whether it is new.
+    pub async fn route(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        route: &Route,
+    ) -> Result<(Lease, bool), AgentsError> {
+        self.require_agent(agent).await?;
+        if let Some(id) = &route.session_id {
+            let lease = self.acquire(agent, id, isolation_key).await?;
+            return Ok((lease, false));
+        }
+        if let Some(resp) = &route.previous_response_id {
+            let id = self
+                .inner
+                .store
+                .session_by_ref(agent, RefKind::Response, resp)
+                .await?
+                .ok_or_else(|| AgentsError::NotFound(format!("no response {resp:?}")))?;
+            let lease = self
+                .acquire(agent, &id, isolation_key)
+                .await
+                .map_err(|e| match e {
+                    AgentsError::NotFound(_) => {
+                        AgentsError::NotFound(format!("no response {resp:?}"))
+                    }
+                    e => e,
+                })?;
+            return Ok((lease, false));
+        }
+        if let Some(conv) = &route.conversation {
+            if let Some(id) = self
+                .inner
+                .store
+                .session_by_ref(agent, RefKind::Conversation, conv)
+                .await?
+            {
+                // A conversation id of another user's session is, for this caller, unknown:
+                // it must not reach that session.
+                match self.acquire(agent, &id, isolation_key).await {
+                    Ok(lease) => return Ok((lease, false)),
+                    Err(AgentsError::NotFound(_)) => {
+                        return Err(AgentsError::NotFound(format!("no conversation {conv:?}")))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let live = self.new_session(agent, isolation_key, None).await?;
+        if let Some(conv) = &route.conversation {
+            self.remember(agent, RefKind::Conversation, conv, &live.id)
+                .await?;
+        }
+        let lease = self.acquire(agent, &live.id, isolation_key).await?;
+        Ok((lease, true))
+    }
+
+    /// The session that made response `response`, running, for `GET/DELETE .../responses/{id}`.
+    pub async fn route_response(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        response: &str,
+    ) -> Result<Lease, AgentsError> {
+        self.require_agent(agent).await?;
+        let not_found = || AgentsError::NotFound(format!("no response {response:?}"));
+        let id = self
+            .inner
+            .store
+            .session_by_ref(agent, RefKind::Response, response)
+            .await?
+            .ok_or_else(not_found)?;
+        self.acquire(agent, &id, isolation_key)
+            .await
+            .map_err(|e| match e {
+                AgentsError::NotFound(_) => not_found(),
+                e => e,
+            })
+    }
+
+    pub async fn remember(
+        &self,
+        agent: &str,
+        kind: RefKind,
+        reference: &str,
+        session: &str,
+    ) -> Result<(), AgentsError> {
+        self.inner
+            .store
+            .put_ref(agent, kind, reference, session, &now_rfc3339())
+            .await?;
+        Ok(())
+    }
+
+    /// Holds session `id` (of `agent`, owned by `isolation_key`) running for one request,
+    /// resuming it if it is suspended.
+    pub async fn acquire(
+        &self,
+        agent: &str,
+        id: &str,
+        isolation_key: &str,
+    ) -> Result<Lease, AgentsError> {
+        let row = self
+            .inner
+            .store
+            .session_for(id, isolation_key)
+            .await?
+            .filter(|r| r.agent == agent)
+            .ok_or_else(|| no_session(id))?;
+        self.hold(&row).await
+    }
+
+    async fn hold(&self, row: &SessionRow) -> Result<Lease, AgentsError> {
+        let live = self.live(&row.id).ok_or_else(|| no_session(&row.id))?;
+        let guard = live.lock.lock().await;
+        match live.state() {
+            SessionState::Running => {}
+            SessionState::Suspended => self.resume_locked(&live).await?,
+            SessionState::Failed => {
+                let row = self
+                    .inner
+                    .store
+                    .session(&live.id)
+                    .await?
+                    .ok_or_else(|| no_session(&live.id))?;
+                return Err(AgentsError::Agent(format!(
+                    "session {} failed: {}",
+                    live.id,
+                    row.error.unwrap_or_else(|| "unknown error".into())
+                )));
+            }
+            SessionState::Deleted => return Err(no_session(&live.id)),
+            s => {
+                return Err(AgentsError::Conflict(format!(
+                    "session {} is {s}; try again",
+                    live.id
+                )))
+            }
+        }
+        live.inflight.fetch_add(1, Ordering::AcqRel);
+        live.touch();
+        drop(guard);
+        let sandbox = self
+            .inner
+            .store
+            .session(&live.id)
+            .await?
+            .and_then(|r| r.sandbox_id)
+            .ok_or_else(|| no_session(&live.id))?;
+        Ok(Lease {
+            socket: self.inner.sandboxes.agent_socket(&sandbox),
+            session_id: live.id.clone(),
+            live,
+        })
+    }
+
+    async fn resume_locked(&self, live: &Live) -> Result<(), AgentsError> {
+        let row = self
+            .inner
+            .store
+            .session(&live.id)
+            .await?
+            .ok_or_else(|| no_session(&live.id))?;
+        let sandbox = row.sandbox_id.clone().ok_or_else(|| no_session(&live.id))?;
+        let info = self.version_info(&live.agent, live.version).await?;
+        self.make_room(&live.id).await?;
+        self.set_state(live, SessionState::Resuming, Some(&sandbox), None, None)
+            .await?;
+        let resumed = async {
+            self.inner.sandboxes.resume(&sandbox).await?;
+            self.wait_agent(&sandbox, info.spec.startup_timeout.0).await
+        }
+        .await;
+        match resumed {
+            Ok(()) => {
+                self.set_state(live, SessionState::Running, Some(&sandbox), None, None)
+                    .await?;
+                tracing::info!(session = %live.id, %sandbox, "session resumed");
+                Ok(())
+            }
+            Err(e) => {
+                // The files are intact whatever failed: stay suspended, so that a later
+                // request tries again, and say why.
+                let _ = self.inner.sandboxes.suspend(&sandbox).await;
+                let state = match self.inner.sandboxes.get(&sandbox).await {
+                    Ok(sb) if sb.state == SandboxState::Running => SessionState::Running,
+                    _ => SessionState::Suspended,
+                };
+                self.set_state(
+                    live,
+                    state,
+                    Some(&sandbox),
+                    row.checkpoint
+                        .as_ref()
+                        .and_then(|c| serde_json::from_value(c.clone()).ok())
+                        .as_ref(),
+                    Some(&e.to_string()),
+                )
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Suspends `live` if no request holds it. `None` if it was busy or not running.
+    async fn suspend_if_idle(
+        &self,
+        live: &Live,
+        idle_for: Option<Duration>,
+    ) -> Result<Option<()>, AgentsError> {
+        let Ok(_guard) = live.lock.try_lock() else {
+            return Ok(None);
+        };
+        if live.state() != SessionState::Running || live.inflight.load(Ordering::Acquire) != 0 {
+            return Ok(None);
+        }
+        if let Some(idle) = idle_for {
+            let since = SystemTime::now()
+                .duration_since(live.last_activity())
+                .unwrap_or_default();
+            if since < idle {
+                return Ok(None);
+            }
+        }
+        self.suspend_locked(live).await.map(Some)
+    }
+
+    async fn suspend_locked(&self, live: &Live) -> Result<(), AgentsError> {
+        let row = self
+            .inner
+            .store
+            .session(&live.id)
+            .await?
+            .ok_or_else(|| no_session(&live.id))?;
+        let sandbox = row.sandbox_id.clone().ok_or_else(|| no_session(&live.id))?;
+        self.flush_activity(live).await?;
+        self.set_state(live, SessionState::Suspending, Some(&sandbox), None, None)
+            .await?;
+        match self.inner.sandboxes.suspend(&sandbox).await {
+            Ok(sb) => {
+                self.set_state(
+                    live,
+                    SessionState::Suspended,
+                    Some(&sandbox),
+                    sb.checkpoint.as_ref(),
+                    None,
+                )
+                .await?;
+                tracing::info!(session = %live.id, %sandbox, mode = ?sb.checkpoint.as_ref().map(|c| c.mode), "session suspended");
+                Ok(())
+            }
+            Err(e) => {
+                let state = match self.inner.sandboxes.get(&sandbox).await {
+                    Ok(sb) if sb.state == SandboxState::Running => SessionState::Running,
+                    Ok(_) => SessionState::Suspended,
+                    Err(_) => SessionState::Failed,
+                };
+                self.set_state(live, state, Some(&sandbox), None, Some(&e.to_string()))
+                    .await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn flush_activity(&self, live: &Live) -> Result<(), AgentsError> {
+        if live.dirty.swap(false, Ordering::AcqRel) {
+            let t = humantime::format_rfc3339_millis(live.last_activity()).to_string();
+            self.inner.store.touch_session(&live.id, &t).await?;
+        }
+        Ok(())
+    }
+
+    /// A session, as `isolation_key` sees it (`None`: the operator, who sees every session).
+    async fn owned(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<SessionRow, AgentsError> {
+        let row = match isolation_key {
+            Some(k) => self.inner.store.session_for(id, k).await?,
+            None => self.inner.store.session(id).await?,
+        };
+        row.ok_or_else(|| no_session(id))
+    }
+
+    pub async fn session(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<Session, AgentsError> {
+        self.owned(id, isolation_key).await?;
+        self.session_view(id, isolation_key).await
+    }
+
+    async fn session_view(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<Session, AgentsError> {
+        let row = self.owned(id, isolation_key).await?;
+        let mut s = self.row_view(&row);
+        if matches!(s.state, SessionState::Running | SessionState::Idle) {
+            if let Some(sb) = &row.sandbox_id {
+                if let Ok(link) = self.inner.sandboxes.running_link(sb).await {
+                    s.agent_process = link.health().await.ok().map(|h| h.agent);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn view_state(&self, live: &Live) -> SessionState {
+        match live.state() {
+            SessionState::Running if live.inflight.load(Ordering::Acquire) == 0 => {
+                SessionState::Idle
+            }
+            s => s,
+        }
+    }
+
+    fn row_view(&self, row: &SessionRow) -> Session {
+        let live = self.live(&row.id);
+        let state = match &live {
+            Some(l) => self.view_state(l),
+            None => row.state.parse().unwrap_or(SessionState::Failed),
+        };
+        let last_activity = match &live {
+            Some(l) => humantime::format_rfc3339_millis(l.last_activity()).to_string(),
+            None => row.last_activity.clone(),
+        };
+        Session {
+            id: row.id.clone(),
+            agent: row.agent.clone(),
+            version: row.version,
+            isolation_key: row.isolation_key.clone(),
+            state,
+            sandbox: row.sandbox_id.clone(),
+            created_at: row.created_at.clone(),
+            last_activity,
+            checkpoint: row
+                .checkpoint
+                .as_ref()
+                .and_then(|c| serde_json::from_value(c.clone()).ok()),
+            error: row.error.clone(),
+            agent_process: None,
+        }
+    }
+
+    pub async fn sessions(
+        &self,
+        agent: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<Vec<Session>, AgentsError> {
+        self.require_agent(agent).await?;
+        Ok(self
+            .inner
+            .store
+            .sessions(agent, isolation_key)
+            .await?
+            .iter()
+            .map(|r| self.row_view(r))
+            .collect())
+    }
+
+    /// The running sandbox of a session, resumed if needed, for exec and files. The lease
+    /// keeps it from being suspended while the caller uses it.
+    pub async fn sandbox_of(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<(Lease, String), AgentsError> {
+        let row = self.owned(id, isolation_key).await?;
+        let lease = self.hold(&row).await?;
+        let sandbox = self
+            .inner
+            .store
+            .session(id)
+            .await?
+            .and_then(|r| r.sandbox_id)
+            .ok_or_else(|| no_session(id))?;
+        Ok((lease, sandbox))
+    }
+
+    /// The console log of a session's sandbox (the agent's stdout and stderr).
+    pub async fn log_path(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<PathBuf, AgentsError> {
+        let row = self.owned(id, isolation_key).await?;
+        let sandbox = row
+            .sandbox_id
+            .ok_or_else(|| AgentsError::Conflict(format!("session {id} has no sandbox (yet)")))?;
+        Ok(self.inner.sandboxes.console_log(&sandbox))
+    }
+
+    pub async fn suspend_session(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<Session, AgentsError> {
+        self.owned(id, isolation_key).await?;
+        let live = self.live(id).ok_or_else(|| no_session(id))?;
+        {
+            let _guard = live.lock.lock().await;
+            match live.state() {
+                SessionState::Suspended => {}
+                SessionState::Running => {
+                    if live.inflight.load(Ordering::Acquire) != 0 {
+                        return Err(AgentsError::Conflict(format!(
+                            "session {id} is serving a request; suspend it when it is idle"
+                        )));
+                    }
+                    self.suspend_locked(&live).await?;
+                }
+                s => {
+                    return Err(AgentsError::Conflict(format!(
+                        "session {id} is {s} and cannot be suspended"
+                    )))
+                }
+            }
+        }
+        self.session_view(id, isolation_key).await
+    }
+
+    pub async fn resume_session(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<Session, AgentsError> {
+        let row = self.owned(id, isolation_key).await?;
+        drop(self.hold(&row).await?);
+        self.session_view(id, isolation_key).await
+    }
+
+    pub async fn delete_session(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<(), AgentsError> {
+        let row = self.owned(id, isolation_key).await?;
+        let live = self.live(id).ok_or_else(|| no_session(id))?;
+        let _guard = live.lock.lock().await;
+        if live.state() == SessionState::Deleted {
+            return Err(no_session(id));
+        }
+        self.set_state(
+            &live,
+            SessionState::Deleted,
+            row.sandbox_id.as_deref(),
+            None,
+            None,
+        )
+        .await?;
+        if let Some(sb) = &row.sandbox_id {
+            match self.inner.sandboxes.delete(sb).await {
+                Ok(()) | Err(SandboxError::NotFound(_)) => {}
+                Err(e) => {
+                    // Keep the row (state deleted) so that the next attempt finds it.
+                    return Err(e.into());
+                }
+            }
+        }
+        self.inner.store.delete_session(id).await?;
+        self.inner.live.lock().unwrap().remove(id);
+        tracing::info!(session = %id, "session deleted");
+        Ok(())
+    }
+}
+
+fn version_view(row: VersionRow) -> Result<Version, AgentsError> {
+    Ok(Version {
+        spec: serde_json::from_value(row.spec)
+            .map_err(|e| AgentsError::Store(hangar_store::StoreError::Json(e)))?,
+        agent: row.agent,
+        number: row.number,
+        image: row.image_id,
+        created_at: row.created_at,
+    })
+}
+
+fn no_agent(name: &str) -> AgentsError {
+    AgentsError::NotFound(format!("no agent {name:?}"))
+}
+
+fn no_session(id: &str) -> AgentsError {
+    AgentsError::NotFound(format!("no session {id:?}"))
+}
+
+/// Picks a version by weight (the split sums to 100).
+fn pick_version(split: &[(i64, i64)]) -> Option<i64> {
+    let total: i64 = split.iter().map(|(_, w)| w).sum();
+    if total <= 0 {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).expect("the OS random source works");
+    let mut r = (u64::from_le_bytes(b) % total as u64) as i64;
+    for (v, w) in split {
+        if r < *w {
+            return Some(*v);
+        }
+        r -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn weighted_pick_follows_weights_and_skips_zero() {
+        let split = [(1, 90), (2, 10), (3, 0)];
+        let mut counts = [0usize; 4];
+        for _ in 0..10_000 {
+            counts[super::pick_version(&split).unwrap() as usize] += 1;
+        }
+        assert_eq!(counts[3], 0);
+        assert!((8700..=9300).contains(&counts[1]), "{counts:?}");
+        assert_eq!(super::pick_version(&[(1, 0)]), None);
+    }
+}

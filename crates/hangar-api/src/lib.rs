@@ -4,6 +4,8 @@
 //! errors into JSON error bodies in one place ([`error::ApiError`]). This crate holds no
 //! state of its own and never touches a runtime directly.
 
+mod agents;
+mod dataplane;
 mod error;
 mod images;
 mod sandboxes;
@@ -23,6 +25,45 @@ pub struct AppState {
     pub max_upload: u64,
 }
 
+/// Session operations, under `/v1/sessions/{id}` and `/v1/agents/{name}/sessions/{id}`.
+fn session_routes() -> Router<AppState> {
+    use agents::FilesRoute;
+    use axum::extract::{Path, Query, State};
+    use std::collections::HashMap;
+    type Params = Path<HashMap<String, String>>;
+    fn files_route(
+        route: FilesRoute,
+    ) -> impl Fn(
+        State<AppState>,
+        Params,
+        Query<sandboxes::PathQuery>,
+        axum::http::HeaderMap,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<axum::response::Response, ApiError>> + Send>,
+    > + Clone
+           + Send
+           + Sync
+           + 'static {
+        move |State(st), Path(p), Query(q), headers| {
+            Box::pin(agents::files(st, p, q, headers, route))
+        }
+    }
+    Router::new()
+        .route("/", get(agents::get_session).delete(agents::delete_session))
+        .route("/suspend", post(agents::suspend_session))
+        .route("/resume", post(agents::resume_session))
+        .route("/exec", post(agents::exec))
+        .route("/logs", get(agents::logs))
+        .route(
+            "/files/content",
+            get(files_route(FilesRoute::Read))
+                .put(agents::write_file)
+                .delete(files_route(FilesRoute::Delete)),
+        )
+        .route("/files", get(files_route(FilesRoute::Stat)))
+        .route("/files/mkdir", post(files_route(FilesRoute::Mkdir)))
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
@@ -31,7 +72,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/doctor", get(sandboxes::doctor))
         // images.rs: build, import, bootstrap, list.
-        // (routes for /v1/images go here)
+        .route("/v1/images", get(images::list))
+        .route("/v1/images/build", post(images::build))
+        .route("/v1/images/import", post(images::import))
+        .route("/v1/images/bootstrap", post(images::bootstrap))
         .route(
             "/v1/sandboxes",
             post(sandboxes::create).get(sandboxes::list),
@@ -51,6 +95,40 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/sandboxes/{id}/files", get(sandboxes::stat_file))
         .route("/v1/sandboxes/{id}/files/mkdir", post(sandboxes::mkdir))
+        .route("/v1/agents", get(agents::list_agents))
+        .route(
+            "/v1/agents/{name}",
+            get(agents::get_agent).delete(agents::delete_agent),
+        )
+        .route(
+            "/v1/agents/{name}/versions",
+            get(agents::versions).post(agents::deploy),
+        )
+        .route(
+            "/v1/agents/{name}/traffic",
+            get(agents::get_traffic).put(agents::set_traffic),
+        )
+        .route(
+            "/v1/agents/{name}/sessions",
+            get(agents::list_sessions).post(agents::create_session),
+        )
+        .nest("/v1/agents/{name}/sessions/{id}", session_routes())
+        .nest("/v1/sessions/{id}", session_routes())
+        .route("/agents/{name}/responses", post(dataplane::responses))
+        .route(
+            "/agents/{name}/responses/{id}",
+            get(dataplane::response_op).delete(dataplane::response_op),
+        )
+        .route(
+            "/agents/{name}/responses/{id}/cancel",
+            post(dataplane::response_op),
+        )
+        .route(
+            "/agents/{name}/responses/{id}/input_items",
+            get(dataplane::response_op),
+        )
+        .route("/agents/{name}/invocations", post(dataplane::invocations))
+        .route("/agents/{name}/invocations_ws", get(dataplane::invocations))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

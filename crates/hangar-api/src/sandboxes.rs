@@ -19,7 +19,7 @@ use hangar_sandbox::link::{self, FileOp, LinkError};
 use crate::{ApiError, AppState};
 
 /// Parses a JSON body into `T`, with the serde message (which names the field and position).
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }

@@ -70,7 +70,10 @@ impl AgentSpec {
         self.build.source()?;
         let r = &self.resources;
         if !(r.cpus > 0.0 && r.cpus <= 256.0) {
-            return Err(format!("resources.cpus must be > 0 and <= 256, not {}", r.cpus));
+            return Err(format!(
+                "resources.cpus must be > 0 and <= 256, not {}",
+                r.cpus
+            ));
         }
         if r.memory.0 < 16 * MIB {
             return Err("resources.memory must be at least 16Mi".into());
@@ -230,9 +233,7 @@ impl std::str::FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let n: u64 = num
             .parse()
@@ -261,7 +262,12 @@ impl std::str::FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, m) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        for (unit, m) in [
+            ("Ti", 1u64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
             if self.0 >= m && self.0 % m == 0 {
                 return write!(f, "{}{unit}", self.0 / m);
             }
@@ -506,7 +512,12 @@ mod tests {
 
     #[test]
     fn sizes_and_durations_round_trip() {
-        for (s, n) in [("512Mi", 512 << 20), ("2Gi", 2 << 30), ("1G", 1_000_000_000u64), ("4096", 4096)] {
+        for (s, n) in [
+            ("512Mi", 512 << 20),
+            ("2Gi", 2 << 30),
+            ("1G", 1_000_000_000u64),
+            ("4096", 4096),
+        ] {
             let b: ByteSize = s.parse().unwrap();
             assert_eq!(b.0, n);
             assert_eq!(b.to_string().parse::<ByteSize>().unwrap(), b);

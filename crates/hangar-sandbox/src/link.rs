@@ -179,7 +179,7 @@ async fn read_capped(body: Incoming) -> Result<Bytes, LinkError> {
 /// is writable from inside the sandbox, and a symlink planted in place of `control.sock` must
 /// not lead Hangar (and the sandbox's secret) to another socket on the host. The socket is
 /// opened with `O_PATH | O_NOFOLLOW`, checked, and connected to through `/proc/self/fd`.
-async fn connect_no_follow(path: &std::path::Path) -> Result<UnixStream, LinkError> {
+pub async fn connect_no_follow(path: &std::path::Path) -> Result<UnixStream, LinkError> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -190,7 +190,10 @@ async fn connect_no_follow(path: &std::path::Path) -> Result<UnixStream, LinkErr
         .metadata()
         .map_err(|e| LinkError::Connect(e.to_string()))?;
     if !meta.file_type().is_socket() {
-        return Err(LinkError::Connect("control.sock is not a socket".into()));
+        return Err(LinkError::Connect(format!(
+            "{} is not a socket",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        )));
     }
     use std::os::fd::AsRawFd;
     let via = format!("/proc/self/fd/{}", file.as_raw_fd());

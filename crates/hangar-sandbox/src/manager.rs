@@ -187,6 +187,16 @@ impl Sandboxes {
         Layout::new(&self.inner.root, id)
     }
 
+    /// The host side of a sandbox's `agent.sock`: each connection reaches the agent's port.
+    pub fn agent_socket(&self, id: &str) -> PathBuf {
+        self.layout(id).agent_socket()
+    }
+
+    /// The sandbox's console: `hangar-init`'s and the agent's stdout and stderr.
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        self.layout(id).console_log()
+    }
+
     fn driver(&self, kind: DriverKind) -> Result<Arc<dyn Driver>, SandboxError> {
         self.inner
             .drivers
@@ -710,6 +720,9 @@ fn init_config(rec: &Record) -> InitConfig {
         })
         .collect();
     env.extend(rec.env.clone());
+    // Like Docker: an image that sets no PATH gets the conventional one.
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     InitConfig {
         secret: rec.secret.clone(),
         agent: (!argv.is_empty()).then_some(ProcessSpec { argv }),

@@ -8,7 +8,6 @@
 //! and the service agree on one clock.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -59,6 +58,13 @@ pub struct ImageRow {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRow {
+    pub name: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRow {
     pub agent: String,
     pub number: i64,
@@ -105,8 +111,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store at `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(StoreError::Open)?
+        let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -237,6 +242,72 @@ impl Store {
         })
     }
 
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        let rows = sqlx::query("SELECT name, created_at, updated_at FROM agents ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AgentRow {
+                name: r.get("name"),
+                created_at: r.get("created_at"),
+                updated_at: r.get("updated_at"),
+            })
+            .collect())
+    }
+
+    pub async fn agent(&self, name: &str) -> Result<Option<AgentRow>, StoreError> {
+        let row = sqlx::query("SELECT name, created_at, updated_at FROM agents WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| AgentRow {
+            name: r.get("name"),
+            created_at: r.get("created_at"),
+            updated_at: r.get("updated_at"),
+        }))
+    }
+
+    /// Deletes an agent with its versions, traffic, sessions and references. The caller
+    /// deletes the sessions' sandboxes first.
+    pub async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM session_refs WHERE agent = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM sessions WHERE agent = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM traffic WHERE agent = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM versions WHERE agent = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let r = sqlx::query("DELETE FROM agents WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn version(
+        &self,
+        agent: &str,
+        number: i64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        Ok(self
+            .versions(agent)
+            .await?
+            .into_iter()
+            .find(|v| v.number == number))
+    }
+
     pub async fn versions(&self, agent: &str) -> Result<Vec<VersionRow>, StoreError> {
         let rows = sqlx::query("SELECT agent, number, image_id, spec, created_at FROM versions WHERE agent = ? ORDER BY number")
             .bind(agent)
@@ -355,6 +426,16 @@ impl Store {
         .bind(agent)
         .bind(isolation_key)
         .bind(isolation_key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(session_row).collect()
+    }
+
+    /// Every session of every agent (recovery after a restart, the scheduler).
+    pub async fn all_sessions(&self) -> Result<Vec<SessionRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions ORDER BY created_at, id"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(session_row).collect()

@@ -18,6 +18,10 @@ use crate::client::Client;
 pub enum BenchCmd {
     /// create-to-exec-ready, exec round trip, suspend and resume, against `crun run`/`runsc run`.
     Sandbox(SandboxBench),
+    /// The data plane's added latency and throughput against the agent reached directly.
+    Gateway(crate::bench_agents::GatewayBench),
+    /// First-request latency of a new session and of a suspended one.
+    Sessions(crate::bench_agents::SessionsBench),
 }
 
 #[derive(Args)]
@@ -39,6 +43,8 @@ pub struct SandboxBench {
 pub async fn run(url: &str, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Sandbox(b) => sandbox(&Client::new(url)?, b).await,
+        BenchCmd::Gateway(b) => crate::bench_agents::gateway(url, b).await,
+        BenchCmd::Sessions(b) => crate::bench_agents::sessions(url, b).await,
     }
 }
 

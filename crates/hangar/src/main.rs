@@ -3,7 +3,10 @@
 //! This crate is wiring only: argument parsing, configuration, output formatting. Everything
 //! with rules of its own lives in the library crates.
 
+mod agent_yaml;
+mod agents_cmd;
 mod bench;
+mod bench_agents;
 mod client;
 mod doctor;
 mod images_cmd;
@@ -42,6 +45,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Deploy the agent in DIR (its agent.yaml) as a new version.
+    Deploy(agents_cmd::DeployArgs),
+    /// Send one message to an agent and print its answer as it streams.
+    Invoke(agents_cmd::InvokeArgs),
+    /// Talk to an agent interactively (one session, each turn chained on the last).
+    Chat {
+        agent: String,
+        /// The end user (isolation key) to act as.
+        #[arg(long)]
+        user: Option<String>,
+        /// Continue in this session.
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// List agents.
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an agent's versions and their traffic.
+    Versions {
+        agent: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set an agent's traffic split.
+    #[command(subcommand)]
+    Traffic(agents_cmd::TrafficCmd),
+    /// Sessions: list, create, show, exec, cp, logs, suspend, resume, rm.
+    #[command(subcommand)]
+    Sessions(agents_cmd::SessionsCmd),
     /// Build, import and list images.
     #[command(subcommand)]
     Images(images_cmd::ImagesCmd),
@@ -63,6 +97,37 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Doctor { json } => doctor::run(json),
+            Command::Deploy(args) => {
+                agents_cmd::deploy(&client::Client::new(&cli.url)?, &cli.url, args).await
+            }
+            Command::Invoke(args) => {
+                agents_cmd::invoke(&client::Client::new(&cli.url)?, args).await
+            }
+            Command::Chat {
+                agent,
+                user,
+                session,
+            } => {
+                agents_cmd::chat(
+                    &client::Client::new(&cli.url)?,
+                    &agent,
+                    user.as_deref(),
+                    session,
+                )
+                .await
+            }
+            Command::Agents { json } => {
+                agents_cmd::agents(&client::Client::new(&cli.url)?, json).await
+            }
+            Command::Versions { agent, json } => {
+                agents_cmd::versions(&client::Client::new(&cli.url)?, &agent, json).await
+            }
+            Command::Traffic(cmd) => {
+                agents_cmd::traffic(&client::Client::new(&cli.url)?, cmd).await
+            }
+            Command::Sessions(cmd) => {
+                agents_cmd::sessions(&client::Client::new(&cli.url)?, cmd).await
+            }
             Command::Images(cmd) => images_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Sandbox(cmd) => sandbox_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.url, cmd).await,

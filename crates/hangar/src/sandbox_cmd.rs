@@ -154,8 +154,8 @@ pub async fn run(c: &Client, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             user,
             timeout,
             cmd,
-        } => return exec(c, &id, cmd, cwd, user, timeout).await,
-        SandboxCmd::Cp { src, dst } => cp(c, &src, &dst).await?,
+        } => return exec(c, &format!("/v1/sandboxes/{id}"), cmd, cwd, user, timeout).await,
+        SandboxCmd::Cp { src, dst } => cp(c, &src, &dst, SANDBOX).await?,
         SandboxCmd::Suspend { id, json } => {
             let sb: Sandbox = c
                 .json(Method::POST, &format!("/v1/sandboxes/{id}/suspend"), None)
@@ -190,9 +190,11 @@ pub async fn run(c: &Client, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn exec(
+/// Runs a command in the sandbox at `base` (`/v1/sandboxes/ID` or `/v1/sessions/ID`),
+/// streaming its output; the exit code is the command's.
+pub async fn exec(
     c: &Client,
-    id: &str,
+    base: &str,
     cmd: Vec<String>,
     cwd: Option<String>,
     user: Option<String>,
@@ -202,7 +204,7 @@ async fn exec(
     let resp = c
         .send(
             Method::POST,
-            &format!("/v1/sandboxes/{id}/exec"),
+            &format!("{base}/exec"),
             &[
                 ("content-type", "application/json"),
                 ("accept", "application/x-ndjson"),
@@ -246,19 +248,33 @@ async fn exec(
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-fn split_remote(s: &str) -> Option<(&str, &str)> {
-    let (id, path) = s.split_once(':')?;
-    (id.starts_with("sb-") && path.starts_with('/')).then_some((id, path))
+/// What `cp` copies to and from: `ID:/path` where ID has `prefix`, at `{base}/ID`.
+pub struct Remote {
+    pub prefix: &'static str,
+    pub base: &'static str,
+    pub noun: &'static str,
 }
 
-async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
-    match (split_remote(src), split_remote(dst)) {
+pub const SANDBOX: Remote = Remote {
+    prefix: "sb-",
+    base: "/v1/sandboxes",
+    noun: "SANDBOX",
+};
+
+fn split_remote<'a>(s: &'a str, remote: &Remote) -> Option<(&'a str, &'a str)> {
+    let (id, path) = s.split_once(':')?;
+    (id.starts_with(remote.prefix) && path.starts_with('/')).then_some((id, path))
+}
+
+pub async fn cp(c: &Client, src: &str, dst: &str, remote: Remote) -> anyhow::Result<()> {
+    let base = remote.base;
+    match (split_remote(src, &remote), split_remote(dst, &remote)) {
         (None, Some((id, path))) => {
             let data = std::fs::read(src).with_context(|| format!("reading {src}"))?;
             let resp = c
                 .send(
                     Method::PUT,
-                    &format!("/v1/sandboxes/{id}/files/content?path={}", encode(path)),
+                    &format!("{base}/{id}/files/content?path={}", encode(path)),
                     &[],
                     client::full(data),
                 )
@@ -269,7 +285,7 @@ async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
             let resp = c
                 .send(
                     Method::GET,
-                    &format!("/v1/sandboxes/{id}/files/content?path={}", encode(path)),
+                    &format!("{base}/{id}/files/content?path={}", encode(path)),
                     &[],
                     client::empty(),
                 )
@@ -281,7 +297,10 @@ async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
                 std::fs::write(dst, &bytes).with_context(|| format!("writing {dst}"))?;
             }
         }
-        _ => bail!("one of SRC and DST must be SANDBOX:/absolute/path and the other a local path"),
+        _ => bail!(
+            "one of SRC and DST must be {}:/absolute/path and the other a local path",
+            remote.noun
+        ),
     }
     Ok(())
 }

@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Default: the data directory, /tmp and /var/tmp. OCI layouts may come from anywhere.
     #[arg(long = "rootfs-root", value_name = "DIR")]
     rootfs_roots: Vec<PathBuf>,
+    /// Session sandboxes that may run at once on this node; past it the least recently
+    /// used idle session is suspended.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -71,7 +75,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let images = hangar_build::Images::new(data_dir.clone(), store.clone());
-    let agents = hangar_agents::Agents {};
+    let agents = hangar_agents::Agents::open(
+        store,
+        sandboxes.clone(),
+        hangar_agents::Config {
+            max_running: args.max_running,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("recovering sessions: {e}"))?;
     let app = hangar_api::router(hangar_api::AppState {
         sandboxes,
         images,

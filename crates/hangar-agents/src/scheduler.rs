@@ -1,0 +1,89 @@
+//! The scheduler: scale to zero after each agent's `idle_timeout`, delete sessions past
+//! their `session_retention`, and keep the store's `last_activity` up to date.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use hangar_proto::agent::SessionState;
+
+use crate::Agents;
+
+/// Retention is checked this often (it is measured in days; there is no hurry).
+const RETENTION_EVERY: Duration = Duration::from_secs(30);
+
+pub(crate) async fn run(agents: Agents) {
+    let mut tick = tokio::time::interval(agents.inner.cfg.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_retention = Instant::now() - RETENTION_EVERY;
+    loop {
+        tick.tick().await;
+        idle_pass(&agents).await;
+        if last_retention.elapsed() >= RETENTION_EVERY {
+            last_retention = Instant::now();
+            retention_pass(&agents).await;
+        }
+    }
+}
+
+async fn idle_pass(agents: &Agents) {
+    for live in agents.all_live() {
+        if live.dirty.load(Ordering::Acquire) {
+            if let Err(e) = agents.flush_activity(&live).await {
+                tracing::warn!(session = %live.id, error = %e, "cannot record last activity");
+            }
+        }
+        if live.state() != SessionState::Running || live.inflight.load(Ordering::Acquire) != 0 {
+            continue;
+        }
+        let Ok(info) = agents.version_info(&live.agent, live.version).await else {
+            continue;
+        };
+        let idle = SystemTime::now()
+            .duration_since(live.last_activity())
+            .unwrap_or_default();
+        if idle < info.spec.idle_timeout.0 {
+            continue;
+        }
+        // Each suspension runs on its own so that one slow checkpoint does not hold up the
+        // others; the session's lock keeps them from overlapping.
+        let agents = agents.clone();
+        let timeout = info.spec.idle_timeout.0;
+        tokio::spawn(async move {
+            match agents.suspend_if_idle(&live, Some(timeout)).await {
+                Ok(Some(())) => {
+                    tracing::info!(session = %live.id, idle = ?idle, "idle session scaled to zero")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(session = %live.id, error = %e, "cannot suspend idle session")
+                }
+            }
+        });
+    }
+}
+
+async fn retention_pass(agents: &Agents) {
+    for live in agents.all_live() {
+        if live.inflight.load(Ordering::Acquire) != 0
+            || matches!(
+                live.state(),
+                SessionState::Creating | SessionState::Resuming | SessionState::Suspending
+            )
+        {
+            continue;
+        }
+        let Ok(info) = agents.version_info(&live.agent, live.version).await else {
+            continue;
+        };
+        let since = SystemTime::now()
+            .duration_since(live.last_activity())
+            .unwrap_or_default();
+        if since < info.spec.session_retention.0 {
+            continue;
+        }
+        tracing::info!(session = %live.id, agent = %live.agent, since = ?since, "session retention expired; deleting it");
+        if let Err(e) = agents.delete_session(&live.id, None).await {
+            tracing::warn!(session = %live.id, error = %e, "cannot delete expired session");
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! `/v1/agents` (agents, versions, traffic, sessions) and `/v1/sessions/{id}` (session
+//! operations; session ids are unique across agents).
+//!
+//! A control-plane request may carry `x-agent-user-id`: it then sees only that isolation
+//! key's sessions (another key's session is 404, exactly like one that does not exist).
+//! Without it, the caller is the operator and sees every session.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use hangar_proto::agent::{
+    AgentList, CreateSession, DeployRequest, SessionList, TrafficSplit, VersionList, USER_HEADER,
+};
+
+use crate::sandboxes::{self, parse_json, PathQuery};
+use crate::{ApiError, AppState};
+
+/// The isolation key a caller asserts, if any.
+pub(crate) fn asserted_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get(USER_HEADER) {
+        None => Ok(None),
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| ApiError::bad_request(format!("{USER_HEADER} must be ASCII")))?;
+            if v.is_empty() || v.len() > 256 {
+                return Err(ApiError::bad_request(format!(
+                    "{USER_HEADER} must be 1 to 256 characters"
+                )));
+            }
+            Ok(Some(v.to_owned()))
+        }
+    }
+}
+
+pub async fn list_agents(State(st): State<AppState>) -> Result<Json<AgentList>, ApiError> {
+    Ok(Json(AgentList {
+        agents: st.agents.agents().await?,
+    }))
+}
+
+pub async fn get_agent(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(st.agents.agent(&name).await?).into_response())
+}
+
+pub async fn delete_agent(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.agents.delete_agent(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn deploy(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    hangar_proto::agent::valid_agent_name(&name).map_err(ApiError::bad_request)?;
+    let req: DeployRequest = parse_json(&body)?;
+    let v = st.agents.deploy(&name, req).await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+pub async fn versions(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<VersionList>, ApiError> {
+    Ok(Json(VersionList {
+        versions: st.agents.versions(&name).await?,
+    }))
+}
+
+pub async fn get_traffic(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<TrafficSplit>, ApiError> {
+    Ok(Json(TrafficSplit {
+        weights: st.agents.agent(&name).await?.traffic,
+    }))
+}
+
+pub async fn set_traffic(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<TrafficSplit>, ApiError> {
+    let split: TrafficSplit = parse_json(&body)?;
+    st.agents.set_traffic(&name, &split.weights).await?;
+    get_traffic(State(st), Path(name)).await
+}
+
+pub async fn create_session(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateSession = parse_json(&body)?;
+    if let Some(user) = asserted_user(&headers)? {
+        if user != req.isolation_key {
+            return Err(ApiError::bad_request(format!(
+                "isolation_key differs from {USER_HEADER}"
+            )));
+        }
+    }
+    let s = st
+        .agents
+        .create_session(&name, &req.isolation_key, req.version)
+        .await?;
+    Ok((StatusCode::CREATED, Json(s)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsQuery {
+    isolation_key: Option<String>,
+}
+
+pub async fn list_sessions(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SessionsQuery>,
+    headers: HeaderMap,
+) -> Result<Json<SessionList>, ApiError> {
+    let key = match (asserted_user(&headers)?, q.isolation_key) {
+        (Some(user), Some(k)) if user != k => {
+            return Err(ApiError::bad_request(format!(
+                "isolation_key differs from {USER_HEADER}"
+            )))
+        }
+        (user, k) => user.or(k),
+    };
+    Ok(Json(SessionList {
+        sessions: st.agents.sessions(&name, key.as_deref()).await?,
+    }))
+}
+
+/// `{id}` from `/v1/sessions/{id}/…` or `/v1/agents/{name}/sessions/{id}/…`; with a name, the
+/// session must be that agent's.
+struct SessionRef {
+    id: String,
+    user: Option<String>,
+}
+
+async fn session_ref(
+    st: &AppState,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<SessionRef, ApiError> {
+    let id = params
+        .get("id")
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request("missing session id"))?;
+    let user = asserted_user(headers)?;
+    if let Some(name) = params.get("name") {
+        let s = st.agents.session(&id, user.as_deref()).await?;
+        if &s.agent != name {
+            return Err(hangar_agents::AgentsError::NotFound(format!("no session {id:?}")).into());
+        }
+    }
+    Ok(SessionRef { id, user })
+}
+
+pub async fn get_session(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    Ok(Json(st.agents.session(&r.id, r.user.as_deref()).await?).into_response())
+}
+
+pub async fn delete_session(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    st.agents.delete_session(&r.id, r.user.as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn suspend_session(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    Ok(Json(st.agents.suspend_session(&r.id, r.user.as_deref()).await?).into_response())
+}
+
+pub async fn resume_session(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    Ok(Json(st.agents.resume_session(&r.id, r.user.as_deref()).await?).into_response())
+}
+
+pub async fn exec(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    let (_lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
+    sandboxes::exec(State(st.clone()), Path(sandbox), headers, body).await
+}
+
+/// Which files operation a session files route is.
+#[derive(Clone, Copy)]
+pub enum FilesRoute {
+    Read,
+    Stat,
+    Mkdir,
+    Delete,
+}
+
+pub async fn files(
+    st: AppState,
+    params: HashMap<String, String>,
+    q: PathQuery,
+    headers: HeaderMap,
+    route: FilesRoute,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    let (_lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
+    let (st, id, q) = (State(st.clone()), Path(sandbox), Query(q));
+    match route {
+        FilesRoute::Read => sandboxes::read_file(st, id, q).await,
+        FilesRoute::Stat => sandboxes::stat_file(st, id, q).await,
+        FilesRoute::Mkdir => sandboxes::mkdir(st, id, q).await,
+        FilesRoute::Delete => sandboxes::delete_file(st, id, q).await,
+    }
+}
+
+pub async fn write_file(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    let (_lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
+    sandboxes::write_file(State(st.clone()), Path(sandbox), Query(q), headers, body).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    /// Only the last this many bytes (default: 64 KiB; the whole log with 0).
+    tail_bytes: Option<u64>,
+}
+
+/// The agent's stdout and stderr as plain text; with `follow=true` the answer stays open
+/// and streams what is appended.
+pub async fn logs(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    Query(q): Query<LogsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    let path = st.agents.log_path(&r.id, r.user.as_deref()).await?;
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "").into_response())
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("reading the log: {e}"),
+            ))
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let tail = q.tail_bytes.unwrap_or(64 * 1024);
+    if tail > 0 && len > tail {
+        let _ = file.seek(std::io::SeekFrom::Start(len - tail)).await;
+    }
+    let follow = q.follow;
+    let stream = futures_util::stream::unfold(file, move |mut file| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) if follow => tokio::time::sleep(Duration::from_millis(200)).await,
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(buf)), file));
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

@@ -1,0 +1,459 @@
+//! The data plane: each agent's stable endpoint, `/agents/{name}/…`, relayed to the agent
+//! of the caller's session through its sandbox's `agent.sock`.
+//!
+//! Routing follows DESIGN.md, first match wins: `agent_session_id` (body or query), the
+//! `x-agent-session-id` header, the session that made `previous_response_id`, the session
+//! bound to `conversation`, else a new session. Every answer carries `x-agent-session-id`.
+//! Bodies are relayed frame by frame as they arrive: an SSE stream reaches the client event
+//! by event. Only an agent's JSON answer to `POST /responses` is read whole, for its `id`
+//! (which is how a later `previous_response_id` finds the session).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+
+use hangar_agents::{Agents, ErrorSource, Lease, Route};
+use hangar_proto::agent::SESSION_HEADER;
+use hangar_store::RefKind;
+
+use crate::agents::asserted_user;
+use crate::{ApiError, AppState};
+
+/// The largest request body the data plane reads whole (to route it).
+const MAX_REQUEST: usize = 32 * 1024 * 1024;
+/// The largest JSON answer read whole for its response id; larger ones are relayed as is.
+const MAX_CAPTURE: usize = 16 * 1024 * 1024;
+/// Until issue 6 brings authentication, callers without `x-agent-user-id` share this key.
+pub const ANONYMOUS: &str = "anonymous";
+
+fn user_of(headers: &HeaderMap) -> Result<String, ApiError> {
+    Ok(asserted_user(headers)?.unwrap_or_else(|| ANONYMOUS.to_owned()))
+}
+
+fn header_session(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, MAX_REQUEST)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {MAX_REQUEST} bytes"),
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
+    }
+}
+
+/// `POST /agents/{name}/responses`.
+pub async fn responses(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let user = user_of(&parts.headers)?;
+    let body = read_limited(body).await?;
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    let str_field = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let route = Route {
+        session_id: str_field("agent_session_id")
+            .or_else(|| q.get("agent_session_id").cloned())
+            .or_else(|| header_session(&parts.headers)),
+        previous_response_id: str_field("previous_response_id"),
+        conversation: match obj.get("conversation") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => {
+                o.get("id").and_then(|v| v.as_str()).map(str::to_owned)
+            }
+            _ => None,
+        },
+    };
+    let (lease, _created) = st.agents.route(&name, &user, &route).await?;
+    let capture = Capture {
+        agents: st.agents.clone(),
+        agent: name,
+        session: lease.session_id.clone(),
+    };
+    forward(
+        lease,
+        parts.method,
+        "/responses",
+        parts.uri.query(),
+        &parts.headers,
+        Body::from(body),
+        Some(capture),
+    )
+    .await
+}
+
+/// `GET|DELETE /agents/{name}/responses/{id}`, `POST …/{id}/cancel`, `GET …/{id}/input_items`:
+/// to the session that made the response.
+pub async fn response_op(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (name, id) = (params["name"].clone(), params["id"].clone());
+    let (parts, body) = req.into_parts();
+    let user = user_of(&parts.headers)?;
+    let suffix = match parts.uri.path().rsplit('/').next() {
+        Some("cancel") => "/cancel",
+        Some("input_items") => "/input_items",
+        _ => "",
+    };
+    let lease = st.agents.route_response(&name, &user, &id).await?;
+    let path = format!("/responses/{}{suffix}", percent_encode_segment(&id));
+    forward(
+        lease,
+        parts.method,
+        &path,
+        parts.uri.query(),
+        &parts.headers,
+        body,
+        None,
+    )
+    .await
+}
+
+fn percent_encode_segment(s: &str) -> String {
+    hangar_proto::encode_query(s).replace('/', "%2F")
+}
+
+/// `POST /agents/{name}/invocations` (and `GET /agents/{name}/invocations_ws`, a WebSocket):
+/// the body is relayed as it streams.
+pub async fn invocations(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let user = user_of(req.headers())?;
+    let route = Route {
+        session_id: q
+            .get("agent_session_id")
+            .cloned()
+            .or_else(|| header_session(req.headers())),
+        ..Route::default()
+    };
+    let (lease, _) = st.agents.route(&name, &user, &route).await?;
+    let path = req
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or("invocations")
+        .to_owned();
+    let path = format!("/{path}");
+    if path == "/invocations_ws" {
+        return upgrade(lease, &mut req, &path).await;
+    }
+    let (parts, body) = req.into_parts();
+    forward(
+        lease,
+        parts.method,
+        &path,
+        parts.uri.query(),
+        &parts.headers,
+        body,
+        None,
+    )
+    .await
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::HOST,
+];
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (k, v) in from {
+        if !HOP_BY_HOP.contains(k) && k.as_str() != "keep-alive" && k.as_str() != "proxy-connection"
+        {
+            to.append(k.clone(), v.clone());
+        }
+    }
+}
+
+fn upstream_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "agent_unreachable",
+        format!("the agent did not answer: {e}"),
+    )
+    .with_source(ErrorSource::Upstream)
+}
+
+fn session_value(lease: &Lease) -> HeaderValue {
+    HeaderValue::from_str(&lease.session_id).expect("session ids are ASCII")
+}
+
+async fn forward(
+    lease: Lease,
+    method: Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    capture: Option<Capture>,
+) -> Result<Response, ApiError> {
+    let session = session_value(&lease);
+    let mut sender = hangar_agents::connect::<Body>(&lease.socket)
+        .await
+        .map_err(upstream_error)?;
+    let uri = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    copy_headers(headers, req.headers_mut());
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("localhost"));
+    req.headers_mut()
+        .insert(HeaderName::from_static(SESSION_HEADER), session.clone());
+    let resp = sender.send_request(req).await.map_err(upstream_error)?;
+    let (parts, body) = resp.into_parts();
+    let mut out_headers = HeaderMap::new();
+    copy_headers(&parts.headers, &mut out_headers);
+    out_headers.insert(HeaderName::from_static(SESSION_HEADER), session);
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let sniff = match capture {
+        Some(c) if parts.status.is_success() && content_type.starts_with("application/json") => {
+            // A JSON answer is one object: read it whole (bounded) for its id.
+            let small = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+                .is_none_or(|n| n <= MAX_CAPTURE);
+            if small {
+                let bytes = http_body_util::Limited::new(body, MAX_CAPTURE)
+                    .collect()
+                    .await
+                    .map_err(upstream_error)?
+                    .to_bytes();
+                if let Some(id) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+                {
+                    c.remember(id).await;
+                }
+                drop(lease);
+                let mut resp = Response::new(Body::from(bytes));
+                *resp.status_mut() = parts.status;
+                out_headers.remove(header::CONTENT_LENGTH);
+                *resp.headers_mut() = out_headers;
+                return Ok(resp);
+            }
+            None
+        }
+        Some(c) if content_type.starts_with("text/event-stream") => Some(Sniffer {
+            capture: c,
+            line: Vec::new(),
+            done: false,
+        }),
+        _ => None,
+    };
+    let mut resp = Response::new(Body::new(Relay {
+        body,
+        _lease: lease,
+        sniff,
+    }));
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = out_headers;
+    Ok(resp)
+}
+
+/// Relays a WebSocket (or any HTTP upgrade) to the agent and splices the two connections.
+async fn upgrade(lease: Lease, req: &mut Request, path: &str) -> Result<Response, ApiError> {
+    let client_upgrade = hyper::upgrade::on(&mut *req);
+    let session = session_value(&lease);
+    let mut sender = hangar_agents::connect::<Body>(&lease.socket)
+        .await
+        .map_err(upstream_error)?;
+    let uri = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut out = hyper::Request::builder()
+        .method(req.method().clone())
+        .uri(uri)
+        .body(Body::empty())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    for (k, v) in req.headers() {
+        if k != header::HOST {
+            out.headers_mut().append(k.clone(), v.clone());
+        }
+    }
+    out.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("localhost"));
+    out.headers_mut()
+        .insert(HeaderName::from_static(SESSION_HEADER), session.clone());
+    let mut resp = sender.send_request(out).await.map_err(upstream_error)?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (parts, body) = resp.into_parts();
+        let mut r = Response::new(Body::new(body));
+        *r.status_mut() = parts.status;
+        copy_headers(&parts.headers, r.headers_mut());
+        r.headers_mut()
+            .insert(HeaderName::from_static(SESSION_HEADER), session);
+        return Ok(r);
+    }
+    let agent_upgrade = hyper::upgrade::on(&mut resp);
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *r.headers_mut() = resp.headers().clone();
+    r.headers_mut()
+        .insert(HeaderName::from_static(SESSION_HEADER), session);
+    tokio::spawn(async move {
+        let _lease = lease;
+        let (client, agent) = match tokio::join!(client_upgrade, agent_upgrade) {
+            (Ok(c), Ok(a)) => (c, a),
+            (c, a) => {
+                tracing::debug!(client = ?c.err(), agent = ?a.err(), "upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut agent = hyper_util::rt::TokioIo::new(agent);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
+            tracing::debug!(error = %e, "websocket relay ended");
+        }
+    });
+    Ok(r)
+}
+
+/// Remembers which session made a response.
+struct Capture {
+    agents: Agents,
+    agent: String,
+    session: String,
+}
+
+impl Capture {
+    async fn remember(&self, response_id: String) {
+        if let Err(e) = self
+            .agents
+            .remember(&self.agent, RefKind::Response, &response_id, &self.session)
+            .await
+        {
+            tracing::warn!(error = %e, response = %response_id, "cannot record the response's session");
+        }
+    }
+}
+
+/// Watches an SSE stream for the first event that names the response (`response.created`),
+/// without holding anything back.
+struct Sniffer {
+    capture: Capture,
+    line: Vec<u8>,
+    done: bool,
+}
+
+impl Sniffer {
+    fn feed(&mut self, data: &[u8]) {
+        for &b in data {
+            if self.done {
+                return;
+            }
+            if b != b'\n' {
+                if self.line.len() < MAX_CAPTURE {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let line = std::mem::take(&mut self.line);
+            let Some(payload) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                continue;
+            };
+            if let Some(id) = v
+                .get("response")
+                .and_then(|r| r.get("id"))
+                .and_then(|i| i.as_str())
+            {
+                self.done = true;
+                let id = id.to_owned();
+                let capture = Capture {
+                    agents: self.capture.agents.clone(),
+                    agent: self.capture.agent.clone(),
+                    session: self.capture.session.clone(),
+                };
+                tokio::spawn(async move { capture.remember(id).await });
+            }
+        }
+    }
+}
+
+/// The agent's answer body, relayed frame by frame; holds the session's lease until the
+/// last frame, so that the session is not suspended in the middle of a stream.
+struct Relay {
+    body: Incoming,
+    _lease: Lease,
+    sniff: Option<Sniffer>,
+}
+
+impl hyper::body::Body for Relay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let (Some(data), Some(sniff)) = (frame.data_ref(), this.sniff.as_mut()) {
+                sniff.feed(data);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
