@@ -469,7 +469,10 @@ impl Agents {
             env.insert("FOUNDRY_AGENT_VERSION".into(), version.to_string());
             env.insert("FOUNDRY_AGENT_ID".into(), format!("{agent}:{version}"));
             env.insert("FOUNDRY_AGENT_SESSION_ID".into(), id.clone());
-            env.insert("FOUNDRY_HOSTING_ENVIRONMENT".into(), "hangar".into());
+            // Not FOUNDRY_HOSTING_ENVIRONMENT: the azure-ai-agentserver packages take any
+            // value of it to mean Foundry's cloud and then refuse to start without a Foundry
+            // project endpoint. Agents learn where they run from HANGAR_SESSION_ID instead.
+            env.insert("HANGAR_SESSION_ID".into(), id.clone());
             let sb = self
                 .inner
                 .sandboxes

@@ -223,14 +223,14 @@ pub async fn exec(
 
 /// Which files operation a session files route is.
 #[derive(Clone, Copy)]
-pub enum FilesRoute {
+enum FilesRoute {
     Read,
     Stat,
     Mkdir,
     Delete,
 }
 
-pub async fn files(
+async fn files(
     st: AppState,
     params: HashMap<String, String>,
     q: PathQuery,
@@ -246,6 +246,42 @@ pub async fn files(
         FilesRoute::Mkdir => sandboxes::mkdir(st, id, q).await,
         FilesRoute::Delete => sandboxes::delete_file(st, id, q).await,
     }
+}
+
+pub async fn read_file(
+    State(st): State<AppState>,
+    Path(p): Path<HashMap<String, String>>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    files(st, p, q, headers, FilesRoute::Read).await
+}
+
+pub async fn stat_file(
+    State(st): State<AppState>,
+    Path(p): Path<HashMap<String, String>>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    files(st, p, q, headers, FilesRoute::Stat).await
+}
+
+pub async fn mkdir(
+    State(st): State<AppState>,
+    Path(p): Path<HashMap<String, String>>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    files(st, p, q, headers, FilesRoute::Mkdir).await
+}
+
+pub async fn delete_file(
+    State(st): State<AppState>,
+    Path(p): Path<HashMap<String, String>>,
+    Query(q): Query<PathQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    files(st, p, q, headers, FilesRoute::Delete).await
 }
 
 pub async fn write_file(

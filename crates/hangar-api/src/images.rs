@@ -185,7 +185,14 @@ pub async fn import(
         let path = upload.path.clone();
         let r = images.import(&path, q.name.as_deref(), &progress).await;
         drop(upload);
-        r
+        // The client knows its archive, not the server's temp file.
+        r.map_err(|e| match e {
+            ImageError::NotAnImage { reason, .. } => ImageError::NotAnImage {
+                path: "the uploaded archive".into(),
+                reason,
+            },
+            e => e,
+        })
     }))
 }
 

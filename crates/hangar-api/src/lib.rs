@@ -27,27 +27,6 @@ pub struct AppState {
 
 /// Session operations, under `/v1/sessions/{id}` and `/v1/agents/{name}/sessions/{id}`.
 fn session_routes() -> Router<AppState> {
-    use agents::FilesRoute;
-    use axum::extract::{Path, Query, State};
-    use std::collections::HashMap;
-    type Params = Path<HashMap<String, String>>;
-    fn files_route(
-        route: FilesRoute,
-    ) -> impl Fn(
-        State<AppState>,
-        Params,
-        Query<sandboxes::PathQuery>,
-        axum::http::HeaderMap,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<axum::response::Response, ApiError>> + Send>,
-    > + Clone
-           + Send
-           + Sync
-           + 'static {
-        move |State(st), Path(p), Query(q), headers| {
-            Box::pin(agents::files(st, p, q, headers, route))
-        }
-    }
     Router::new()
         .route("/", get(agents::get_session).delete(agents::delete_session))
         .route("/suspend", post(agents::suspend_session))
@@ -56,12 +35,12 @@ fn session_routes() -> Router<AppState> {
         .route("/logs", get(agents::logs))
         .route(
             "/files/content",
-            get(files_route(FilesRoute::Read))
+            get(agents::read_file)
                 .put(agents::write_file)
-                .delete(files_route(FilesRoute::Delete)),
+                .delete(agents::delete_file),
         )
-        .route("/files", get(files_route(FilesRoute::Stat)))
-        .route("/files/mkdir", post(files_route(FilesRoute::Mkdir)))
+        .route("/files", get(agents::stat_file))
+        .route("/files/mkdir", post(agents::mkdir))
 }
 
 pub fn router(state: AppState) -> Router {

@@ -14,7 +14,6 @@ use hangar_proto::agent::ImageInfo;
 use sha2::{Digest, Sha256};
 
 use crate::process::Cmd;
-use crate::register::parse_buildah_id;
 use crate::{ImageError, Images, Progress};
 
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -191,23 +190,7 @@ impl Images {
             }
         }
         // Into this data directory's buildah storage, under the name a `FROM` looks for.
-        let out = self
-            .buildah()
-            .args(["pull", "--quiet"])
-            .arg(format!("oci:{}", cached.display()))
-            .run(
-                "loading the base image into buildah (buildah pull)",
-                progress,
-            )
-            .await?;
-        let id = out
-            .stdout
-            .iter()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .cloned()
-            .unwrap_or_default();
-        let hex = parse_buildah_id(&id)?.to_string();
+        let hex = self.pull_layout(&cached, progress).await?;
         let reference = format!("docker.io/library/debian:{}", spec.suite);
         self.buildah()
             .arg("tag")
@@ -406,7 +389,7 @@ impl Images {
             .map_err(ImageError::io(format!("creating {}", staging.display())))?;
         let pushed = self
             .buildah()
-            .args(["push", "--quiet", "--disable-compression"])
+            .args(["push", "--quiet"])
             .arg(&hex)
             .arg(format!("oci:{}", staging.join("oci").display()))
             .run("saving the base image (buildah push)", progress)
@@ -457,14 +440,7 @@ impl Images {
             .arg(container)
             .run("committing the image (buildah commit)", progress)
             .await?;
-        let id = out
-            .stdout
-            .iter()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .cloned()
-            .unwrap_or_default();
-        Ok(parse_buildah_id(&id)?.to_string())
+        crate::import::last_id(&out.stdout)
     }
 }
 

@@ -108,20 +108,18 @@ impl Images {
             Some(n) => Some(self.lock_name(n).await),
             None => None,
         };
-        let out = self
-            .buildah()
-            .args(["pull", "--quiet"])
-            .arg(source.transport())
-            .run("importing the image (buildah pull)", progress)
-            .await?;
-        let id = out
-            .stdout
-            .iter()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .cloned()
-            .unwrap_or_default();
-        let hex = parse_buildah_id(&id)?.to_string();
+        let hex = match &source {
+            ImportSource::OciLayout(dir) => self.pull_layout(dir, progress).await?,
+            other => {
+                let out = self
+                    .buildah()
+                    .args(["pull", "--quiet"])
+                    .arg(other.transport())
+                    .run("importing the image (buildah pull)", progress)
+                    .await?;
+                last_id(&out.stdout)?
+            }
+        };
         if let Some(name) = name {
             self.buildah()
                 .arg("tag")
@@ -131,5 +129,42 @@ impl Images {
                 .await?;
         }
         self.register(&hex, name, progress).await
+    }
+}
+
+/// The image id buildah prints last.
+pub(crate) fn last_id(stdout: &[String]) -> Result<String, ImageError> {
+    let id = stdout
+        .iter()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .cloned()
+        .unwrap_or_default();
+    Ok(parse_buildah_id(&id)?.to_string())
+}
+
+impl Images {
+    /// Pulls an OCI layout directory into buildah's storage. buildah names an image pulled
+    /// from `oci:PATH` after the path and refuses paths that are not a valid (lower-case)
+    /// reference, so the layout is reached through a symlink with a plain name, relative
+    /// to the working directory.
+    pub(crate) async fn pull_layout(
+        &self,
+        dir: &Path,
+        progress: &Progress,
+    ) -> Result<String, ImageError> {
+        let tmp = tempfile::Builder::new()
+            .prefix("pull-")
+            .tempdir_in(self.tmp_dir()?)
+            .map_err(ImageError::io("creating a temp directory"))?;
+        std::os::unix::fs::symlink(dir, tmp.path().join("hangar-import"))
+            .map_err(ImageError::io("linking the layout"))?;
+        let out = self
+            .buildah()
+            .current_dir(tmp.path())
+            .args(["pull", "--quiet", "oci:hangar-import"])
+            .run("importing the image (buildah pull)", progress)
+            .await?;
+        last_id(&out.stdout)
     }
 }

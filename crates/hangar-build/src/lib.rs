@@ -43,17 +43,23 @@ pub struct Images {
     pub store: hangar_store::Store,
     /// Host-wide cache of bootstrapped base images (shared by every data directory).
     pub bootstrap_cache: PathBuf,
+    /// buildah's storage driver: `vfs` (default; works on any filesystem, but copies the
+    /// whole root filesystem for every step) or `overlay` (`HANGAR_BUILDAH_STORAGE_DRIVER`).
+    pub storage_driver: String,
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
-/// Why an image operation failed. `Invalid`, `BaseMissing`, `StepFailed` and `NotAnImage` are
-/// the caller's to fix; the rest are Hangar's or the host's.
+/// Why an image operation failed. `Invalid`, `BaseMissing`, `BuildFailed`, `StepFailed` (a
+/// tool failed: debootstrap on a bad package name, buildah on a broken archive) and
+/// `NotAnImage` are the caller's to fix; the rest are Hangar's or the host's.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{0}")]
     Invalid(String),
     #[error("base image {image:?} is not in Hangar's image storage (images are never pulled from a registry); run `hangar images bootstrap debian:bookworm` for a Debian base, or `hangar images import` for an OCI/docker archive")]
     BaseMissing { image: String },
+    #[error("the build failed; buildah's last output:\n{output}")]
+    BuildFailed { output: String },
     #[error("{step} failed ({status}); its last output:\n{output}")]
     StepFailed {
         step: String,
@@ -87,7 +93,8 @@ impl ImageError {
         match self {
             ImageError::Invalid(_) => "invalid_request",
             ImageError::BaseMissing { .. } => "base_image_missing",
-            ImageError::StepFailed { .. } => "build_failed",
+            ImageError::BuildFailed { .. } => "build_failed",
+            ImageError::StepFailed { .. } => "step_failed",
             ImageError::NotAnImage { .. } => "not_an_image",
             ImageError::ToolMissing { .. } => "tool_missing",
             ImageError::Resolve(e) if e.is_user_error() => "invalid_image",
@@ -126,16 +133,71 @@ impl Progress {
     }
 }
 
+/// `overlay` where the data directory can hold an overlayfs upper directory (builds share
+/// the base image's files instead of copying them for every step: ~5× faster), else `vfs`.
+/// Storage already made with one driver keeps it.
+fn storage_driver_for(data_dir: &std::path::Path) -> &'static str {
+    // The storage roots `Images::buildah` uses for each driver.
+    if data_dir.join("buildah/storage-overlay").is_dir() {
+        return "overlay";
+    }
+    if data_dir.join("buildah/storage").is_dir() {
+        return "vfs";
+    }
+    let probe = data_dir.join("buildah/probe");
+    let works = (|| -> std::io::Result<bool> {
+        let _ = std::fs::remove_dir_all(&probe);
+        for d in ["lower", "upper", "work", "merged"] {
+            std::fs::create_dir_all(probe.join(d))?;
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            probe.join("lower").display(),
+            probe.join("upper").display(),
+            probe.join("work").display()
+        );
+        let mounted = nix::mount::mount(
+            Some("overlay"),
+            &probe.join("merged"),
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        );
+        if mounted.is_ok() {
+            let _ = nix::mount::umount(&probe.join("merged"));
+        }
+        Ok(mounted.is_ok())
+    })()
+    .unwrap_or(false);
+    let _ = std::fs::remove_dir_all(&probe);
+    let driver = if works { "overlay" } else { "vfs" };
+    tracing::info!(driver, "buildah storage driver chosen");
+    driver
+}
+
 impl Images {
     pub fn new(data_dir: PathBuf, store: hangar_store::Store) -> Images {
         let bootstrap_cache = std::env::var_os("HANGAR_BOOTSTRAP_CACHE")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_BOOTSTRAP_CACHE));
+        let storage_driver = match std::env::var("HANGAR_BUILDAH_STORAGE_DRIVER").as_deref() {
+            Ok("overlay") => "overlay",
+            Ok("vfs") => "vfs",
+            Ok(other) if !other.is_empty() => {
+                tracing::warn!(
+                    driver = other,
+                    "unsupported HANGAR_BUILDAH_STORAGE_DRIVER (overlay or vfs); choosing by probe"
+                );
+                storage_driver_for(&data_dir)
+            }
+            _ => storage_driver_for(&data_dir),
+        };
         Images {
             data_dir,
             store,
             bootstrap_cache,
+            storage_driver: storage_driver.to_string(),
             locks: Arc::default(),
         }
     }

@@ -31,6 +31,7 @@ pub(crate) struct Cmd {
     package: &'static str,
     args: Vec<std::ffi::OsString>,
     envs: Vec<(String, std::ffi::OsString)>,
+    cwd: Option<PathBuf>,
     /// Forward output lines to the progress sink.
     pub(crate) echo: bool,
 }
@@ -42,6 +43,7 @@ impl Cmd {
             package,
             args: Vec::new(),
             envs: Vec::new(),
+            cwd: None,
             echo: true,
         }
     }
@@ -56,6 +58,10 @@ impl Cmd {
     }
     pub(crate) fn env(mut self, k: &str, v: impl AsRef<OsStr>) -> Cmd {
         self.envs.push((k.to_string(), v.as_ref().to_owned()));
+        self
+    }
+    pub(crate) fn current_dir(mut self, dir: impl Into<PathBuf>) -> Cmd {
+        self.cwd = Some(dir.into());
         self
     }
     pub(crate) fn quiet(mut self) -> Cmd {
@@ -75,7 +81,7 @@ impl Cmd {
         tracing::debug!(program = self.program, args = ?self.args, "running");
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg(format!("\"$@\"; echo; echo \"{EXIT_MARKER}$?\""))
+            .arg(format!("\"$@\"; rc=$?; echo; echo \"{EXIT_MARKER}$rc\""))
             .arg("sh")
             .arg(&path)
             .args(&self.args)
@@ -86,6 +92,9 @@ impl Cmd {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
         let mut child = cmd
             .spawn()
             .map_err(ImageError::io(format!("starting {}", self.program)))?;
@@ -177,4 +186,47 @@ pub(crate) fn which(program: &str) -> Option<PathBuf> {
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|d| d.join(program))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn status_and_output() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let progress = Progress::new(tx);
+        let out = Cmd::new("sh", "dash")
+            .args(["-c", "echo one; echo two >&2; printf three"])
+            .run("the step", &progress)
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, ["one", "three"]);
+        let mut lines = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        lines.sort();
+        assert_eq!(lines, ["one", "three", "two"]);
+        let e = Cmd::new("sh", "dash")
+            .args(["-c", "echo boom >&2; exit 3"])
+            .run("the step", &Progress::none())
+            .await
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("exit status 3") && msg.contains("boom"),
+            "{msg}"
+        );
+        let e = Cmd::new("no-such-tool-hangar", "no-such-package")
+            .run("x", &Progress::none())
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("apt-get install no-such-package"),
+            "{e}"
+        );
+    }
 }

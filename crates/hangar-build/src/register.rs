@@ -14,12 +14,22 @@ impl Images {
     /// Global buildah flags: Hangar's own storage, vfs, under the data directory.
     pub(crate) fn buildah(&self) -> Cmd {
         let dir = self.buildah_dir();
+        // buildah stages big blobs in TMPDIR and fails if it is missing.
+        let _ = std::fs::create_dir_all(dir.join("tmp"));
+        // One storage root per driver: a root made by one cannot be opened by the other.
+        let (root, run) = match self.storage_driver.as_str() {
+            "vfs" => (dir.join("storage"), dir.join("run")),
+            other => (
+                dir.join(format!("storage-{other}")),
+                dir.join(format!("run-{other}")),
+            ),
+        };
         Cmd::new("buildah", "buildah")
             .arg("--root")
-            .arg(dir.join("storage"))
+            .arg(root)
             .arg("--runroot")
-            .arg(dir.join("run"))
-            .args(["--storage-driver", "vfs"])
+            .arg(run)
+            .args(["--storage-driver", &self.storage_driver])
             // Big blobs are staged in TMPDIR (default /var/tmp): keep them on the data disk.
             .env("TMPDIR", dir.join("tmp"))
             .env("BUILDAH_ISOLATION", "chroot")
@@ -45,7 +55,7 @@ impl Images {
             let tmp = self.new_layout_tmp(hex)?;
             let pushed = self
                 .buildah()
-                .args(["push", "--quiet", "--disable-compression"])
+                .args(["push", "--quiet"])
                 .arg(hex)
                 .arg(format!("oci:{}", tmp.display()))
                 .run("exporting the image (buildah push)", progress)

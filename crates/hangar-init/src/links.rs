@@ -8,6 +8,7 @@
 //! it is closed and bound again with the rest (see [`HostSockets::bind`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -197,26 +198,110 @@ async fn serve_agent_sock(listener: UnixListener, port: u16, gen: Generation) {
     }
 }
 
+/// A socket that can leave tokio for blocking I/O.
+trait IntoFd {
+    fn into_fd(self) -> std::io::Result<OwnedFd>;
+}
+
+impl IntoFd for TcpStream {
+    fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+}
+
+impl IntoFd for UnixStream {
+    fn into_fd(self) -> std::io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+}
+
+/// Copies bytes both ways, on two blocking threads. When `b` (the agent, or Hangar's egress
+/// proxy) has sent its last byte the exchange is over and both sockets are closed; when `a`
+/// (the caller) is done sending, `b` is told so with a shutdown and its answer is still
+/// relayed to the end. `cancel` shuts both sockets down, which ends both threads.
+///
+/// Blocking reads, not tokio's: under gVisor the edge-triggered readiness for a peer's FIN
+/// is sometimes never delivered, so an async copy can wait forever on a connection the agent
+/// has closed (an SSE stream with `Connection: close` then never ends for the caller). A
+/// blocking `read` returns 0 at a FIN whatever epoll does.
+async fn splice<A: IntoFd, B: IntoFd>(cancel: &CancellationToken, a: A, b: B) {
+    use std::os::fd::AsRawFd;
+    let fds = (|| -> std::io::Result<_> {
+        let (a, b) = (a.into_fd()?, b.into_fd()?);
+        for fd in [&a, &b] {
+            // tokio leaves its sockets non-blocking.
+            let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        }
+        let files = (
+            std::fs::File::from(a.try_clone()?),
+            std::fs::File::from(a.try_clone()?),
+            std::fs::File::from(b.try_clone()?),
+            std::fs::File::from(b.try_clone()?),
+        );
+        Ok((a, b, files))
+    })();
+    let (a, b, (a_read, mut a_write, b_read, mut b_write)) = match fds {
+        Ok(f) => f,
+        Err(e) => {
+            log!("forwarding: {e}");
+            return;
+        }
+    };
+    let shut = |fd: &OwnedFd, how| {
+        // SAFETY: `fd` is open (owned here) for as long as this runs.
+        unsafe { libc::shutdown(fd.as_raw_fd(), how) };
+    };
+    let (up_done, up_rx) = tokio::sync::oneshot::channel::<()>();
+    let (down_done, mut down_rx) = tokio::sync::oneshot::channel::<()>();
+    let b_for_up = b.try_clone();
+    std::thread::spawn(move || {
+        let mut a_read = a_read;
+        let _ = std::io::copy(&mut a_read, &mut b_write);
+        if let Ok(b) = &b_for_up {
+            // SAFETY: as above; `b` is a dup owned by this thread.
+            unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_WR) };
+        }
+        drop((a_read, b_write, b_for_up));
+        let _ = up_done.send(());
+    });
+    std::thread::spawn(move || {
+        let mut b_read = b_read;
+        let _ = std::io::copy(&mut b_read, &mut a_write);
+        drop((b_read, a_write));
+        let _ = down_done.send(());
+    });
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = &mut down_rx => {}
+    }
+    // The answer is complete (or the links are being cut): end both directions, and wait
+    // until the threads have closed their copies so that no host socket outlives this task.
+    shut(&a, libc::SHUT_RDWR);
+    shut(&b, libc::SHUT_RDWR);
+    let _ = down_rx.await;
+    let _ = up_rx.await;
+}
+
 /// Connects the other side with `connect` and copies bytes both ways until either side closes
 /// or `cancel` fires, which drops (closes) both sockets. A failed connect just closes `a`.
-async fn splice_cancellable<A, B, F>(cancel: CancellationToken, mut a: A, connect: F)
+async fn splice_cancellable<A, B, F>(cancel: CancellationToken, a: A, connect: F)
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: IntoFd,
+    B: IntoFd,
     F: std::future::Future<Output = std::io::Result<B>>,
 {
-    tokio::select! {
+    let b = tokio::select! {
         biased;
-        _ = cancel.cancelled() => {}
-        _ = async {
-            match connect.await {
-                Ok(mut b) => {
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                }
-                // The agent not listening yet is normal while it starts.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                Err(e) => log!("forwarding: cannot connect: {e}"),
-            }
-        } => {}
+        _ = cancel.cancelled() => return,
+        b = connect => b,
+    };
+    match b {
+        Ok(b) => splice(&cancel, a, b).await,
+        // The agent not listening yet is normal while it starts.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Err(e) => log!("forwarding: cannot connect: {e}"),
     }
 }

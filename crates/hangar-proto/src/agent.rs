@@ -268,7 +268,7 @@ impl fmt::Display for ByteSize {
             ("Mi", 1 << 20),
             ("Ki", 1 << 10),
         ] {
-            if self.0 >= m && self.0 % m == 0 {
+            if self.0 >= m && self.0.is_multiple_of(m) {
                 return write!(f, "{}{unit}", self.0 / m);
             }
         }
@@ -308,7 +308,7 @@ impl fmt::Display for HumanDuration {
             return write!(f, "{}ms", self.0.as_millis());
         }
         for (unit, m) in [("d", 86400), ("h", 3600), ("m", 60)] {
-            if secs >= m && secs % m == 0 {
+            if secs >= m && secs.is_multiple_of(m) {
                 return write!(f, "{}{unit}", secs / m);
             }
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::agents::{agent_dir, cli, deploy, http, respond, wait_state};
+use common::agents::{agent_dir, cli, deploy, http, respond, wait_state, BASE_PACKAGES};
 use common::images::debian_base;
 use common::Server;
 
@@ -53,7 +53,7 @@ fn raw_exchange(server: &Server, req: &[u8]) -> Vec<(Duration, Vec<u8>)> {
 #[test]
 fn data_plane_routes_streams_and_relays_every_endpoint() {
     let server = Server::start();
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("probe", &probe_yaml("isolation: gvisor\n"));
     let v = deploy(&server, dir.path(), &[]);
     assert_eq!(v["version"]["number"], 1);
@@ -68,7 +68,9 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     assert_eq!(p["version"], "1");
     assert_eq!(p["agent"], "probe");
     assert_eq!(p["agent_id"], "probe:1");
-    assert_eq!(p["hosting"], "hangar");
+    // Unset on purpose: azure-ai-agentserver takes any value for Foundry's cloud.
+    assert_eq!(p["hosting"], Value::Null);
+    assert_eq!(p["hangar_session"], s);
     assert_eq!(p["port"], "8088");
     assert_eq!(p["greeting"], "hello");
     assert_eq!(p["count"], 1);
@@ -272,7 +274,7 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
 #[test]
 fn isolation_keys_never_see_each_others_sessions() {
     let server = Server::start();
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("probe", &probe_yaml("isolation: gvisor\n"));
     deploy(&server, dir.path(), &[]);
     let r = respond(
@@ -380,7 +382,7 @@ fn isolation_keys_never_see_each_others_sessions() {
 #[test]
 fn idle_sessions_scale_to_zero_and_resume_with_files_and_processes() {
     let server = Server::start();
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir(
         "probe",
         &probe_yaml("isolation: gvisor\nidle_timeout: 2s\n"),
@@ -455,7 +457,7 @@ fn idle_sessions_scale_to_zero_and_resume_with_files_and_processes() {
 #[test]
 fn container_sessions_resume_with_files_after_idle() {
     let server = Server::start();
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir(
         "probe",
         &probe_yaml("isolation: container\nidle_timeout: 1s\n"),
@@ -464,7 +466,7 @@ fn container_sessions_resume_with_files_after_idle() {
     let r = respond(&server, "probe", "alice", &json!({"input": "one"}));
     let s = session_of(&r);
     let v = wait_state(&server, &s, "suspended", 60);
-    assert_eq!(v["checkpoint"]["mode"], "files");
+    assert_eq!(v["checkpoint"]["mode"], "filesystem");
     let r = respond(
         &server,
         "probe",
@@ -478,7 +480,7 @@ fn container_sessions_resume_with_files_after_idle() {
 fn traffic_split_assigns_new_sessions_by_weight_and_keeps_them() {
     // A small node cap: sessions beyond it are suspended least-recently-used first.
     let server = Server::start_with(&["--max-running", "3"]);
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("probe", &probe_yaml("isolation: container\n"));
     deploy(&server, dir.path(), &[]);
     let v2 = deploy(&server, dir.path(), &[]);
@@ -568,7 +570,7 @@ fn traffic_split_assigns_new_sessions_by_weight_and_keeps_them() {
 #[test]
 fn restart_keeps_agents_versions_traffic_and_sessions() {
     let mut server = Server::start();
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("probe", &probe_yaml("isolation: gvisor\n"));
     deploy(&server, dir.path(), &[]);
     deploy(&server, dir.path(), &["--traffic", "2=10"]);
@@ -615,7 +617,7 @@ fn restart_keeps_agents_versions_traffic_and_sessions() {
 #[test]
 fn an_agent_that_never_gets_ready_fails_its_session_with_its_log() {
     let server = Server::start();
-    debian_base(&server, &["python3"]);
+    debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir(
         "probe",
         "name: probe\nbuild: { dockerfile: Dockerfile }\nisolation: container\nstartup_timeout: 3s\nenv: { NEVER_READY: '1' }\n",

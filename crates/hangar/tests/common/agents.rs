@@ -9,6 +9,9 @@ use serde_json::Value;
 
 use super::Server;
 
+/// The base image every example and test agent builds on (one bootstrap cache for all).
+pub const BASE_PACKAGES: [&str; 2] = ["python3", "python3-venv"];
+
 pub struct HResp {
     pub status: u16,
     pub headers: Vec<(String, String)>,

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod images;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

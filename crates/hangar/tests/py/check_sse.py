@@ -51,7 +51,7 @@ def read_sse(resp):
     """Yield (arrival_time, event_name, data_str) as the bytes arrive."""
     event, data = None, []
     while True:
-        line = resp.fp.readline()
+        line = resp.readline()  # decodes chunked transfer-encoding too
         if not line:
             return
         line = line.decode("utf-8").rstrip("\r\n")

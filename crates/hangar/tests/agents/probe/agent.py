@@ -34,6 +34,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):
+        if self.path in ("/readiness", "/liveness"):
+            return
         sys.stderr.write("probe: " + (fmt % args) + "\n")
 
     def send_json(self, status, obj):
@@ -55,6 +57,7 @@ class Handler(BaseHTTPRequestHandler):
             "agent": os.environ.get("FOUNDRY_AGENT_NAME"),
             "agent_id": os.environ.get("FOUNDRY_AGENT_ID"),
             "hosting": os.environ.get("FOUNDRY_HOSTING_ENVIRONMENT"),
+            "hangar_session": os.environ.get("HANGAR_SESSION_ID"),
             "port": os.environ.get("PORT"),
             "greeting": os.environ.get("GREETING"),
             "header_session": self.headers.get("x-agent-session-id"),
