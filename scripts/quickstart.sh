@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The README's first command: install what Hangar needs, build it, start it, run the example
-# agent in a sandbox, talk to it, suspend it to zero and resume it with its files intact.
+# The README's first command: install what Hangar needs, build it, start it, make the Debian
+# base image, deploy the `notes` example agent, talk to it, scale its session to zero, talk to
+# it again (a transparent resume) and show that its notes survived.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "installing host packages (scripts/install-host-deps.sh)"
 bash scripts/install-host-deps.sh
+step "building Hangar (cargo build --release)"
 cargo build --release --bins
 
 data=${HANGAR_DATA_DIR:-$PWD/.hangar}
@@ -12,46 +18,49 @@ export HANGAR_URL=http://127.0.0.1:$port
 hangar=$PWD/target/release/hangar
 mkdir -p "$data"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-
 step "hangar doctor"
 "$hangar" doctor || true
 
-step "building the example agent image (examples/hello) with buildah"
-image=$(bash scripts/make-example-image.sh "$data/example-hello-oci")
-echo "$image"
-
-step "starting hangar serve on $HANGAR_URL (log: $data/serve.log)"
-"$hangar" serve --data-dir "$data" --listen "127.0.0.1:$port" >"$data/serve.log" 2>&1 &
+step "starting hangar serve on $HANGAR_URL (data in $data, log in $data/serve.log)"
+"$hangar" serve --data-dir "$data" --listen "127.0.0.1:$port" >>"$data/serve.log" 2>&1 &
 serve=$!
-cleanup() { [ -n "${id:-}" ] && "$hangar" sandbox rm "$id" >/dev/null 2>&1; kill "$serve" 2>/dev/null || true; }
-trap cleanup EXIT
-for _ in $(seq 100); do curl -sf "$HANGAR_URL/healthz" >/dev/null && break; sleep 0.1; done
+trap 'kill $serve 2>/dev/null || true' EXIT
+for _ in $(seq 300); do curl -sf "$HANGAR_URL/healthz" >/dev/null && break; sleep 0.1; done
+curl -sf "$HANGAR_URL/healthz" >/dev/null || { tail -20 "$data/serve.log"; exit 1; }
 
-step "creating a sandbox from the image"
-id=$("$hangar" sandbox create --image "$image")
-"$hangar" sandbox ls
+step "the base image: Debian 12 with python3, made with debootstrap (cached after the first time)"
+"$hangar" images bootstrap debian:bookworm --packages python3,python3-venv
 
-step "the agent answers on its port, through the sandbox's agent.sock"
-for _ in $(seq 50); do
-  reply=$(curl -s --unix-socket "$data/sandboxes/$id/run/agent.sock" http://agent/index.html || true)
-  [ -n "$reply" ] && break; sleep 0.1
-done
-echo "$reply"
+step "hangar deploy examples/notes (builds its Dockerfile with buildah, creates version N)"
+"$hangar" deploy examples/notes
+"$hangar" agents
 
-step "exec inside: who, where, and a file in the workspace"
-"$hangar" sandbox exec "$id" -- sh -c 'echo "user $(id -un) in $(pwd), $GREETING"; echo "remember me" > notes.txt'
-"$hangar" sandbox exec "$id" -- sh -c 'c=0; while true; do c=$((c+1)); echo $c > /tmp/counter; sleep 0.1; done >/dev/null 2>&1 &'
-sleep 1
-echo "counter before suspend: $("$hangar" sandbox exec "$id" -- cat /tmp/counter)"
+user=demo-$RANDOM
+step "talking to it as user $user: every user gets their own session and sandbox"
+errs=$(mktemp)
+"$hangar" invoke notes "note: buy milk" --user "$user" 2>"$errs"
+cat "$errs" >&2
+session=$(sed -n 's/^session \(sess_[0-9a-f]*\).*/\1/p' "$errs")
+rm -f "$errs"
+[ -n "$session" ] || { echo "no session id in the answer" >&2; exit 1; }
+"$hangar" invoke notes "note: call the plumber" --user "$user" --session "$session"
+"$hangar" invoke notes "what are my notes?" --user "$user" --session "$session"
 
-step "suspend (scale to zero) and resume"
-"$hangar" sandbox suspend "$id"
-"$hangar" sandbox resume "$id"
-echo "notes.txt after resume: $("$hangar" sandbox exec "$id" -- cat notes.txt)"
-echo "counter after resume:   $("$hangar" sandbox exec "$id" -- cat /tmp/counter) (gvisor keeps processes running across suspend)"
+step "scaling the session to zero (what idle_timeout does by itself after 15 minutes)"
+"$hangar" sessions suspend "$session"
+"$hangar" sessions ls notes --user "$user"
 
-step "deleting the sandbox"
-"$hangar" sandbox rm "$id"
-id=
-echo "done: Hangar's data is in $data"
+step "the next message resumes it transparently; the notes are still there"
+"$hangar" invoke notes "what are my notes?" --user "$user" --session "$session"
+"$hangar" sessions ls notes --user "$user"
+
+step "the same endpoint speaks the OpenAI Responses API"
+cat <<EOF
+  from openai import OpenAI
+  client = OpenAI(base_url="$HANGAR_URL/agents/notes", api_key="unused")
+  r = client.responses.create(input="note: it works", extra_headers={"x-agent-user-id": "$user"})
+  print(r.output_text)
+EOF
+echo
+echo "done. Hangar keeps running until this script exits; its data stays in $data."
+echo "Run it again (or \`$hangar serve --data-dir $data\`) and the agent and sessions are still there."

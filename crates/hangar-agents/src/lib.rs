@@ -62,6 +62,9 @@ struct Live {
     id: String,
     agent: String,
     version: i64,
+    isolation_key: String,
+    /// The session's sandbox, once it has one (mirrored from the store).
+    sandbox: StdMutex<Option<String>>,
     /// Serialises transitions; see the module documentation.
     lock: Mutex<()>,
     inflight: AtomicUsize,
@@ -217,6 +220,8 @@ impl Agents {
             id: row.id.clone(),
             agent: row.agent.clone(),
             version: row.version,
+            isolation_key: row.isolation_key.clone(),
+            sandbox: StdMutex::new(row.sandbox_id.clone()),
             lock: Mutex::new(()),
             inflight: AtomicUsize::new(0),
             state: StdMutex::new(state),
@@ -581,6 +586,7 @@ impl Agents {
             )
             .await?;
         *live.state.lock().unwrap() = state;
+        *live.sandbox.lock().unwrap() = sandbox.map(str::to_owned);
         Ok(())
     }
 
@@ -625,7 +631,6 @@ impl Agents {
         isolation_key: &str,
         route: &Route,
     ) -> Result<(Lease, bool), AgentsError> {
-        self.require_agent(agent).await?;
         if let Some(id) = &route.session_id {
             let lease = self.acquire(agent, id, isolation_key).await?;
             return Ok((lease, false));
@@ -720,18 +725,20 @@ impl Agents {
         id: &str,
         isolation_key: &str,
     ) -> Result<Lease, AgentsError> {
-        let row = self
-            .inner
-            .store
-            .session_for(id, isolation_key)
-            .await?
-            .filter(|r| r.agent == agent)
+        // Every session is in memory: no store round trip on the data plane's hot path.
+        let live = self
+            .live(id)
+            .filter(|l| l.agent == agent && l.isolation_key == isolation_key)
             .ok_or_else(|| no_session(id))?;
-        self.hold(&row).await
+        self.hold_live(live).await
     }
 
     async fn hold(&self, row: &SessionRow) -> Result<Lease, AgentsError> {
         let live = self.live(&row.id).ok_or_else(|| no_session(&row.id))?;
+        self.hold_live(live).await
+    }
+
+    async fn hold_live(&self, live: Arc<Live>) -> Result<Lease, AgentsError> {
         let guard = live.lock.lock().await;
         match live.state() {
             SessionState::Running => {}
@@ -757,16 +764,15 @@ impl Agents {
                 )))
             }
         }
+        let sandbox = live
+            .sandbox
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| no_session(&live.id))?;
         live.inflight.fetch_add(1, Ordering::AcqRel);
         live.touch();
         drop(guard);
-        let sandbox = self
-            .inner
-            .store
-            .session(&live.id)
-            .await?
-            .and_then(|r| r.sandbox_id)
-            .ok_or_else(|| no_session(&live.id))?;
         Ok(Lease {
             socket: self.inner.sandboxes.agent_socket(&sandbox),
             session_id: live.id.clone(),

@@ -2,26 +2,19 @@
 //! their `session_retention`, and keep the store's `last_activity` up to date.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use hangar_proto::agent::SessionState;
 
 use crate::Agents;
 
-/// Retention is checked this often (it is measured in days; there is no hurry).
-const RETENTION_EVERY: Duration = Duration::from_secs(30);
-
 pub(crate) async fn run(agents: Agents) {
     let mut tick = tokio::time::interval(agents.inner.cfg.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_retention = Instant::now() - RETENTION_EVERY;
     loop {
         tick.tick().await;
         idle_pass(&agents).await;
-        if last_retention.elapsed() >= RETENTION_EVERY {
-            last_retention = Instant::now();
-            retention_pass(&agents).await;
-        }
+        retention_pass(&agents).await;
     }
 }
 

@@ -9,7 +9,9 @@
 //! (which is how a later `previous_response_id` finds the session).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
@@ -18,6 +20,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode}
 use axum::response::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
 
 use hangar_agents::{Agents, ErrorSource, Lease, Route};
 use hangar_proto::agent::SESSION_HEADER;
@@ -98,12 +101,13 @@ pub async fn responses(
         session: lease.session_id.clone(),
     };
     forward(
+        &st.pool,
         lease,
         parts.method,
         "/responses",
         parts.uri.query(),
         &parts.headers,
-        Body::from(body),
+        Outbound::Buffered(body),
         Some(capture),
     )
     .await
@@ -124,15 +128,17 @@ pub async fn response_op(
         Some("input_items") => "/input_items",
         _ => "",
     };
+    let body = read_limited(body).await?;
     let lease = st.agents.route_response(&name, &user, &id).await?;
     let path = format!("/responses/{}{suffix}", percent_encode_segment(&id));
     forward(
+        &st.pool,
         lease,
         parts.method,
         &path,
         parts.uri.query(),
         &parts.headers,
-        body,
+        Outbound::Buffered(body),
         None,
     )
     .await
@@ -172,12 +178,13 @@ pub async fn invocations(
     }
     let (parts, body) = req.into_parts();
     forward(
+        &st.pool,
         lease,
         parts.method,
         &path,
         parts.uri.query(),
         &parts.headers,
-        body,
+        Outbound::Streamed(body),
         None,
     )
     .await
@@ -215,34 +222,134 @@ fn session_value(lease: &Lease) -> HeaderValue {
     HeaderValue::from_str(&lease.session_id).expect("session ids are ASCII")
 }
 
+/// Kept-alive HTTP/1.1 connections to agents, per `agent.sock`, so that a request does not
+/// pay for a new connection into the sandbox (a unix connect on the host, a TCP connect
+/// inside, a new thread in the agent's server). Connections die with their sandbox's links
+/// (suspend closes them all); a dead one is noticed and dropped when taken.
+#[derive(Default)]
+pub struct AgentPool {
+    idle: StdMutex<HashMap<PathBuf, Vec<SendRequest<Body>>>>,
+}
+
+/// Idle connections kept per agent socket.
+const POOL_PER_SOCKET: usize = 64;
+
+impl AgentPool {
+    fn take(&self, socket: &std::path::Path) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.get_mut(socket)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() && s.is_ready() {
+                return Some(s);
+            }
+        }
+        idle.remove(socket);
+        None
+    }
+
+    fn put(&self, socket: PathBuf, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() > 4096 {
+            // Sandboxes come and go; forget the sockets whose connections all died.
+            idle.retain(|_, l| {
+                l.retain(|s| !s.is_closed());
+                !l.is_empty()
+            });
+        }
+        let list = idle.entry(socket).or_default();
+        if list.len() < POOL_PER_SOCKET {
+            list.push(sender);
+        }
+    }
+}
+
+/// A request body: buffered ones may be sent again on a fresh connection if a kept-alive
+/// one turns out to be closed; streamed ones always get a fresh connection.
+enum Outbound {
+    Buffered(Bytes),
+    Streamed(Body),
+}
+
+/// Whether the connection may carry another request after this answer.
+fn reusable(headers: &HeaderMap) -> bool {
+    !headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("close"))
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn forward(
+    pool: &Arc<AgentPool>,
     lease: Lease,
     method: Method,
     path: &str,
     query: Option<&str>,
     headers: &HeaderMap,
-    body: Body,
+    body: Outbound,
     capture: Option<Capture>,
 ) -> Result<Response, ApiError> {
     let session = session_value(&lease);
-    let mut sender = hangar_agents::connect::<Body>(&lease.socket)
-        .await
-        .map_err(upstream_error)?;
     let uri = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
     };
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(body)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    copy_headers(headers, req.headers_mut());
-    req.headers_mut()
-        .insert(header::HOST, HeaderValue::from_static("localhost"));
-    req.headers_mut()
-        .insert(HeaderName::from_static(SESSION_HEADER), session.clone());
-    let resp = sender.send_request(req).await.map_err(upstream_error)?;
+    let build = |body: Body| -> Result<hyper::Request<Body>, ApiError> {
+        let mut req = hyper::Request::builder()
+            .method(method.clone())
+            .uri(uri.as_str())
+            .body(body)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        copy_headers(headers, req.headers_mut());
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+        req.headers_mut()
+            .insert(HeaderName::from_static(SESSION_HEADER), session.clone());
+        Ok(req)
+    };
+    let (sender, resp) = match body {
+        Outbound::Buffered(bytes) => {
+            let pooled = match pool.take(&lease.socket) {
+                Some(mut s) => match s.send_request(build(Body::from(bytes.clone()))?).await {
+                    Ok(resp) => Some((s, resp)),
+                    // Closed by the agent while idle: nothing was processed; try anew.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "kept-alive agent connection was closed");
+                        None
+                    }
+                },
+                None => None,
+            };
+            match pooled {
+                Some(p) => p,
+                None => {
+                    let mut s = hangar_agents::connect::<Body>(&lease.socket)
+                        .await
+                        .map_err(upstream_error)?;
+                    let resp = s
+                        .send_request(build(Body::from(bytes))?)
+                        .await
+                        .map_err(upstream_error)?;
+                    (s, resp)
+                }
+            }
+        }
+        Outbound::Streamed(body) => {
+            let mut s = hangar_agents::connect::<Body>(&lease.socket)
+                .await
+                .map_err(upstream_error)?;
+            let resp = s.send_request(build(body)?).await.map_err(upstream_error)?;
+            (s, resp)
+        }
+    };
+    let keep = reusable(resp.headers()).then(|| Keep {
+        pool: pool.clone(),
+        socket: lease.socket.clone(),
+        sender,
+    });
     let (parts, body) = resp.into_parts();
     let mut out_headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut out_headers);
@@ -274,6 +381,9 @@ async fn forward(
                 {
                     c.remember(id).await;
                 }
+                if let Some(k) = keep {
+                    k.pool.put(k.socket, k.sender);
+                }
                 drop(lease);
                 let mut resp = Response::new(Body::from(bytes));
                 *resp.status_mut() = parts.status;
@@ -294,6 +404,7 @@ async fn forward(
         body,
         _lease: lease,
         sniff,
+        keep,
     }));
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = out_headers;
@@ -429,6 +540,14 @@ struct Relay {
     body: Incoming,
     _lease: Lease,
     sniff: Option<Sniffer>,
+    /// The connection, back to the pool once the answer has been read to its end.
+    keep: Option<Keep>,
+}
+
+struct Keep {
+    pool: Arc<AgentPool>,
+    socket: PathBuf,
+    sender: SendRequest<Body>,
 }
 
 impl hyper::body::Body for Relay {
@@ -441,10 +560,18 @@ impl hyper::body::Body for Relay {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let (Some(data), Some(sniff)) = (frame.data_ref(), this.sniff.as_mut()) {
-                sniff.feed(data);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(sniff)) = (frame.data_ref(), this.sniff.as_mut()) {
+                    sniff.feed(data);
+                }
             }
+            Poll::Ready(None) => {
+                if let Some(k) = this.keep.take() {
+                    k.pool.put(k.socket, k.sender);
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -21,6 +21,8 @@ pub struct AppState {
     pub sandboxes: Sandboxes,
     pub images: hangar_build::Images,
     pub agents: hangar_agents::Agents,
+    /// Kept-alive connections to agents.
+    pub pool: std::sync::Arc<dataplane::AgentPool>,
     /// The largest file upload accepted, in bytes.
     pub max_upload: u64,
 }

@@ -273,15 +273,17 @@ async fn splice<A: IntoFd, B: IntoFd>(cancel: &CancellationToken, a: A, b: B) {
         drop((b_read, a_write));
         let _ = down_done.send(());
     });
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = &mut down_rx => {}
-    }
+    let down_finished = tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = &mut down_rx => true,
+    };
     // The answer is complete (or the links are being cut): end both directions, and wait
     // until the threads have closed their copies so that no host socket outlives this task.
     shut(&a, libc::SHUT_RDWR);
     shut(&b, libc::SHUT_RDWR);
-    let _ = down_rx.await;
+    if !down_finished {
+        let _ = down_rx.await;
+    }
     let _ = up_rx.await;
 }
 

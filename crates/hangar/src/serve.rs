@@ -89,6 +89,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         sandboxes,
         images,
         agents,
+        pool: Default::default(),
         max_upload: args.max_upload_mib * 1024 * 1024,
     });
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");

@@ -644,3 +644,50 @@ fn an_agent_that_never_gets_ready_fails_its_session_with_its_log() {
         json!([])
     );
 }
+
+#[test]
+fn expired_sessions_are_deleted_with_their_volumes() {
+    let server = Server::start();
+    debian_base(&server, &BASE_PACKAGES);
+    let dir = agent_dir(
+        "probe",
+        &probe_yaml("isolation: container\nidle_timeout: 1s\nsession_retention: 4s\n"),
+    );
+    deploy(&server, dir.path(), &[]);
+    let r = respond(&server, "probe", "alice", &json!({"input": "x"}));
+    let s = session_of(&r);
+    let sandbox = server
+        .call("GET", &format!("/v1/sessions/{s}"), None)
+        .json()["sandbox"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_state(&server, &s, "suspended", 30);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server
+        .call("GET", &format!("/v1/sessions/{s}"), None)
+        .status
+        != 404
+    {
+        assert!(
+            Instant::now() < deadline,
+            "session {s} outlived its retention"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        server
+            .call("GET", &format!("/v1/sandboxes/{sandbox}"), None)
+            .status,
+        404
+    );
+    common::assert_nothing_left(&server, &sandbox);
+    // Its response ids are forgotten with it.
+    let r = respond(
+        &server,
+        "probe",
+        "alice",
+        &json!({"input": "x", "previous_response_id": r.json()["id"]}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+}
