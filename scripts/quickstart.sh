@@ -24,7 +24,14 @@ step "hangar doctor"
 step "starting hangar serve on $HANGAR_URL (data in $data, log in $data/serve.log)"
 "$hangar" serve --data-dir "$data" --listen "127.0.0.1:$port" >>"$data/serve.log" 2>&1 &
 serve=$!
-trap 'kill $serve 2>/dev/null || true' EXIT
+session=
+stop() {
+  # Leave nothing running: the demo session scales to zero, then the server stops. Both come
+  # back on the next run (or `hangar serve --data-dir ...`).
+  [ -n "$session" ] && "$hangar" sessions suspend "$session" >/dev/null 2>&1 || true
+  kill $serve 2>/dev/null || true
+}
+trap stop EXIT
 for _ in $(seq 300); do curl -sf "$HANGAR_URL/healthz" >/dev/null && break; sleep 0.1; done
 curl -sf "$HANGAR_URL/healthz" >/dev/null || { tail -20 "$data/serve.log"; exit 1; }
 
@@ -62,5 +69,6 @@ cat <<EOF
   print(r.output_text)
 EOF
 echo
-echo "done. Hangar keeps running until this script exits; its data stays in $data."
-echo "Run it again (or \`$hangar serve --data-dir $data\`) and the agent and sessions are still there."
+echo "done. The session is suspended and the server stops as this script exits; the data stays in $data."
+echo "Start it again with \`$hangar serve --data-dir $data --listen 127.0.0.1:$port\`: the agent, its"
+echo "versions and the session (with its notes) are all still there."

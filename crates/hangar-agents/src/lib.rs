@@ -308,6 +308,17 @@ impl Agents {
             ))
         })?;
         let spec = serde_json::to_value(&req.spec).expect("spec serialises");
+        // Deploying what is already the latest version changes nothing (a script that
+        // deploys on every run does not pile up identical versions).
+        if req.traffic.is_none() {
+            if let Some(last) = self.inner.store.versions(name).await?.pop() {
+                if last.image_id == image.id && last.spec == spec {
+                    let mut v = version_view(last)?;
+                    v.unchanged = true;
+                    return Ok(v);
+                }
+            }
+        }
         let row = self
             .inner
             .store
@@ -1102,6 +1113,7 @@ fn version_view(row: VersionRow) -> Result<Version, AgentsError> {
         number: row.number,
         image: row.image_id,
         created_at: row.created_at,
+        unchanged: false,
     })
 }
 

@@ -70,7 +70,12 @@ pub async fn deploy(
     hangar_proto::agent::valid_agent_name(&name).map_err(ApiError::bad_request)?;
     let req: DeployRequest = parse_json(&body)?;
     let v = st.agents.deploy(&name, req).await?;
-    Ok((StatusCode::CREATED, Json(v)).into_response())
+    let status = if v.unchanged {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(v)).into_response())
 }
 
 pub async fn versions(

@@ -366,6 +366,10 @@ pub struct Version {
     pub image: String,
     pub spec: AgentSpec,
     pub created_at: String,
+    /// Set on a deploy's answer when the image and spec equal the latest version's: no new
+    /// version was made, and this is that latest one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

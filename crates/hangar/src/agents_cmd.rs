@@ -205,7 +205,14 @@ pub async fn deploy(c: &Client, url: &str, args: DeployArgs) -> anyhow::Result<E
         return Ok(ExitCode::SUCCESS);
     }
     let base = format!("{}/agents/{name}", server_url(url));
-    println!("deployed {name} version {} (image {})", v.number, v.image);
+    if v.unchanged {
+        println!(
+            "{name} version {} already has this image and agent.yaml; nothing deployed",
+            v.number
+        );
+    } else {
+        println!("deployed {name} version {} (image {})", v.number, v.image);
+    }
     println!("traffic: {}", format_split(&split.weights));
     println!("endpoints:");
     println!("  {base}/responses      (OpenResponses; OpenAI SDK base_url = {base})");

@@ -266,6 +266,61 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     );
     assert_eq!(r.status, 413, "{}", r.text());
 
+    // An agent process that dies is restarted, and the session shows it.
+    let pid = probe(&respond(
+        &server,
+        "probe",
+        "alice",
+        &json!({"input": "pid", "agent_session_id": s}),
+    ))["pid"]
+        .clone();
+    let r = server.call(
+        "POST",
+        &format!("/v1/sessions/{s}/exec"),
+        Some(&json!({"cmd": ["sh", "-c", format!("kill -9 {pid}")]})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = server
+            .call("GET", &format!("/v1/sessions/{s}"), None)
+            .json();
+        if v["agent_process"]["restarts"].as_u64().unwrap_or(0) >= 1
+            && v["agent_process"]["state"] == "running"
+        {
+            assert_eq!(v["agent_process"]["last_exit"], 137, "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent was not restarted: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let p = loop {
+        let r = respond(
+            &server,
+            "probe",
+            "alice",
+            &json!({"input": "after", "agent_session_id": s}),
+        );
+        if r.status == 200 {
+            break probe(&r);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent does not answer: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_ne!(p["pid"], pid);
+    assert!(
+        p["count"].as_u64().unwrap() > 4,
+        "the workspace is the same: {p}"
+    );
+
     // Nothing above made a session it should not have.
     let list = server.call("GET", "/v1/agents/probe/sessions", None).json();
     assert_eq!(list["sessions"].as_array().unwrap().len(), 2, "{list}");
@@ -483,6 +538,19 @@ fn traffic_split_assigns_new_sessions_by_weight_and_keeps_them() {
     debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("probe", &probe_yaml("isolation: container\n"));
     deploy(&server, dir.path(), &[]);
+    // The same image and agent.yaml again: nothing new.
+    let again = deploy(&server, dir.path(), &[]);
+    assert_eq!(again["version"]["number"], 1);
+    assert_eq!(again["version"]["unchanged"], true);
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        probe_yaml(
+            "isolation: container
+",
+        )
+        .replace("hello", "hello again"),
+    )
+    .unwrap();
     let v2 = deploy(&server, dir.path(), &[]);
     assert_eq!(v2["version"]["number"], 2);
     assert_eq!(v2["traffic"], json!({"1": 100, "2": 0}));
