@@ -174,6 +174,14 @@ impl Agents {
                 Some(id) => self.inner.sandboxes.get(id).await.ok(),
                 None => None,
             };
+            if stored == SessionState::Deleted {
+                // A deletion that did not finish: finish it (never bring the session back).
+                if let Some(id) = &row.sandbox_id {
+                    let _ = self.inner.sandboxes.delete(id).await;
+                }
+                self.inner.store.delete_session(&row.id).await?;
+                continue;
+            }
             let (state, error) = match (stored, sandbox.map(|s| s.state)) {
                 (SessionState::Failed, _) => (SessionState::Failed, row.error.clone()),
                 (SessionState::Creating, sb) => {
@@ -436,8 +444,27 @@ impl Agents {
         isolation_key: &str,
         version: Option<i64>,
     ) -> Result<Session, AgentsError> {
-        let live = self.new_session(agent, isolation_key, version).await?;
+        let me = self.clone();
+        let (agent_, key) = (agent.to_owned(), isolation_key.to_owned());
+        let (live, _) =
+            detached(async move { me.new_session(&agent_, &key, version, false).await }).await?;
         self.session_view(&live.id, None).await
+    }
+
+    /// A new session, already holding a lease for its first request (so that nothing can
+    /// suspend it between its creation and that request). It is created on a task of its
+    /// own: a client that goes away does not cut a creation short half way.
+    async fn spawn_new_session(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        version: Option<i64>,
+    ) -> Result<Lease, AgentsError> {
+        let me = self.clone();
+        let (agent, key) = (agent.to_owned(), isolation_key.to_owned());
+        let (_, lease) =
+            detached(async move { me.new_session(&agent, &key, version, true).await }).await?;
+        Ok(lease.expect("a lease was asked for"))
     }
 
     async fn new_session(
@@ -445,7 +472,8 @@ impl Agents {
         agent: &str,
         isolation_key: &str,
         version: Option<i64>,
-    ) -> Result<Arc<Live>, AgentsError> {
+        lease: bool,
+    ) -> Result<(Arc<Live>, Option<Lease>), AgentsError> {
         if isolation_key.is_empty() || isolation_key.len() > 256 {
             return Err(AgentsError::Invalid(
                 "isolation_key must be 1 to 256 bytes".into(),
@@ -476,8 +504,13 @@ impl Agents {
         self.inner.store.create_session(&row).await?;
         let live = self.add_live(&row, SessionState::Creating);
         let guard = live.lock.lock().await;
+        if let Err(e) = self.make_room(&live.id).await {
+            // Nothing was made for it: no failed session is left behind either.
+            drop(guard);
+            self.forget(&live.id).await;
+            return Err(e);
+        }
         let result = async {
-            self.make_room(&live.id).await?;
             let spec = &info.spec;
             let mut env = spec.env.clone();
             env.insert("PORT".into(), spec.port.to_string());
@@ -504,17 +537,23 @@ impl Agents {
                     command: None,
                 })
                 .await?;
-            self.inner
-                .store
-                .set_session_state(
-                    &id,
-                    SessionState::Creating.as_str(),
-                    Some(&sb.id),
-                    None,
-                    None,
-                )
-                .await?;
-            if let Err(e) = self.wait_agent(&sb.id, spec.startup_timeout.0).await {
+            let started = async {
+                self.inner
+                    .store
+                    .set_session_state(
+                        &id,
+                        SessionState::Creating.as_str(),
+                        Some(&sb.id),
+                        None,
+                        None,
+                    )
+                    .await?;
+                self.wait_agent(&sb.id, spec.startup_timeout.0).await?;
+                self.set_state(&live, SessionState::Running, Some(&sb.id), None, None)
+                    .await
+            }
+            .await;
+            if let Err(e) = started {
                 let _ = self.inner.sandboxes.delete(&sb.id).await;
                 return Err(e);
             }
@@ -523,21 +562,50 @@ impl Agents {
         .await;
         match result {
             Ok(sandbox) => {
-                self.set_state(&live, SessionState::Running, Some(&sandbox), None, None)
-                    .await?;
                 live.touch();
                 tracing::info!(session = %id, agent, version, %sandbox, "session created");
+                let lease = lease.then(|| self.lease(&live, &sandbox));
                 drop(guard);
-                Ok(live)
+                Ok((live, lease))
             }
             Err(e) => {
-                let msg = e.to_string();
-                tracing::warn!(session = %id, agent, error = %msg, "session failed to start");
-                self.set_state(&live, SessionState::Failed, None, None, Some(&msg))
+                let (stored, told) = match e {
+                    AgentsError::Agent(m) => {
+                        // The agent's log is for the operator (the session's error), not
+                        // for the end user whose request failed.
+                        let short = m.split("; the agent's log ends with:").next().unwrap_or(&m);
+                        let told = AgentsError::Agent(format!(
+                            "session {id} failed to start: {short} (its log is in the session's error)"
+                        ));
+                        (m, told)
+                    }
+                    e => (e.to_string(), e),
+                };
+                tracing::warn!(session = %id, agent, error = %stored, "session failed to start");
+                self.set_state(&live, SessionState::Failed, None, None, Some(&stored))
                     .await?;
-                Err(e)
+                Err(told)
             }
         }
+    }
+
+    /// Counts a request in (the caller holds the session's lock, and it is running).
+    fn lease(&self, live: &Arc<Live>, sandbox: &str) -> Lease {
+        live.inflight.fetch_add(1, Ordering::AcqRel);
+        live.touch();
+        Lease {
+            socket: self.inner.sandboxes.agent_socket(sandbox),
+            session_id: live.id.clone(),
+            live: live.clone(),
+        }
+    }
+
+    /// Drops a session that never got a sandbox, from the store and from memory.
+    async fn forget(&self, id: &str) {
+        if let Err(e) = self.inner.store.delete_session(id).await {
+            tracing::warn!(session = %id, error = %e, "cannot remove a session that was never made");
+        }
+        self.inner.live.lock().unwrap().remove(id);
     }
 
     /// Waits for the agent's readiness, failing early if its process cannot start.
@@ -569,9 +637,16 @@ impl Agents {
         })
     }
 
+    /// The last `lines` lines of the sandbox's console (read from its last 64 KiB only).
     fn log_tail(&self, sandbox: &str, lines: usize) -> String {
-        let log = std::fs::read(self.inner.sandboxes.console_log(sandbox)).unwrap_or_default();
-        let log = String::from_utf8_lossy(&log[log.len().saturating_sub(64 * 1024)..]).into_owned();
+        use std::io::{Read, Seek, SeekFrom};
+        let mut buf = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(self.inner.sandboxes.console_log(sandbox)) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+            let _ = f.take(64 * 1024).read_to_end(&mut buf);
+        }
+        let log = String::from_utf8_lossy(&buf);
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -602,7 +677,11 @@ impl Agents {
     }
 
     /// Suspends least recently used idle sessions until a new sandbox fits under the cap.
+    /// A victim that is busy or cannot be suspended is passed over; when none is left, or
+    /// room does not appear within a few seconds, the answer is "no capacity".
     async fn make_room(&self, except: &str) -> Result<(), AgentsError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut passed_over: std::collections::HashSet<String> = Default::default();
         loop {
             let mut running: Vec<Arc<Live>> = self
                 .all_live()
@@ -611,26 +690,48 @@ impl Agents {
                     l.id != except
                         && matches!(
                             l.state(),
-                            SessionState::Running | SessionState::Creating | SessionState::Resuming
+                            SessionState::Running
+                                | SessionState::Creating
+                                | SessionState::Resuming
+                                | SessionState::Suspending
                         )
                 })
                 .collect();
             if running.len() < self.inner.cfg.max_running {
                 return Ok(());
             }
+            let suspending = running
+                .iter()
+                .any(|l| l.state() == SessionState::Suspending);
             running.retain(|l| {
-                l.state() == SessionState::Running && l.inflight.load(Ordering::Acquire) == 0
+                l.state() == SessionState::Running
+                    && l.inflight.load(Ordering::Acquire) == 0
+                    && !passed_over.contains(&l.id)
             });
             running.sort_by_key(|l| l.last_activity());
-            let Some(victim) = running.first() else {
-                return Err(AgentsError::Capacity(format!(
-                    "this node runs its maximum of {} sandboxes and all of them are busy; try again shortly",
-                    self.inner.cfg.max_running
-                )));
+            let victim = match running.first() {
+                Some(v) => v.clone(),
+                // Someone else's suspension frees a slot soon: wait for it.
+                None if suspending && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                None => {
+                    return Err(AgentsError::Capacity(format!(
+                        "this node runs its maximum of {} sandboxes and all of them are busy; try again shortly",
+                        self.inner.cfg.max_running
+                    )))
+                }
             };
             tracing::info!(session = %victim.id, "suspending the least recently used session to make room");
-            // Another request may have taken it meanwhile; then the loop looks again.
-            let _ = self.suspend_if_idle(victim, None).await;
+            match self.suspend_if_idle(&victim, None).await {
+                Ok(Some(())) => {}
+                // Taken by a request, or in another transition, or it would not suspend.
+                Ok(None) | Err(_) => {
+                    passed_over.insert(victim.id.clone());
+                    tokio::task::yield_now().await;
+                }
+            }
         }
     }
 
@@ -650,7 +751,7 @@ impl Agents {
             let id = self
                 .inner
                 .store
-                .session_by_ref(agent, RefKind::Response, resp)
+                .session_by_ref(agent, isolation_key, RefKind::Response, resp)
                 .await?
                 .ok_or_else(|| AgentsError::NotFound(format!("no response {resp:?}")))?;
             let lease = self
@@ -665,29 +766,33 @@ impl Agents {
             return Ok((lease, false));
         }
         if let Some(conv) = &route.conversation {
+            // Conversation ids are per isolation key: another user's id of the same spelling
+            // is simply a different conversation.
             if let Some(id) = self
                 .inner
                 .store
-                .session_by_ref(agent, RefKind::Conversation, conv)
+                .session_by_ref(agent, isolation_key, RefKind::Conversation, conv)
                 .await?
             {
-                // A conversation id of another user's session is, for this caller, unknown:
-                // it must not reach that session.
-                match self.acquire(agent, &id, isolation_key).await {
-                    Ok(lease) => return Ok((lease, false)),
-                    Err(AgentsError::NotFound(_)) => {
-                        return Err(AgentsError::NotFound(format!("no conversation {conv:?}")))
-                    }
-                    Err(e) => return Err(e),
+                if self.live(&id).is_some() {
+                    let lease = self.acquire(agent, &id, isolation_key).await?;
+                    return Ok((lease, false));
                 }
             }
         }
-        let live = self.new_session(agent, isolation_key, None).await?;
+        let lease = self.spawn_new_session(agent, isolation_key, None).await?;
         if let Some(conv) = &route.conversation {
-            self.remember(agent, RefKind::Conversation, conv, &live.id)
-                .await?;
+            // Two first requests of one conversation may race: the first binding wins, and
+            // the loser's request still gets its answer from its own new session.
+            self.remember(
+                agent,
+                isolation_key,
+                RefKind::Conversation,
+                conv,
+                &lease.session_id,
+            )
+            .await?;
         }
-        let lease = self.acquire(agent, &live.id, isolation_key).await?;
         Ok((lease, true))
     }
 
@@ -703,7 +808,7 @@ impl Agents {
         let id = self
             .inner
             .store
-            .session_by_ref(agent, RefKind::Response, response)
+            .session_by_ref(agent, isolation_key, RefKind::Response, response)
             .await?
             .ok_or_else(not_found)?;
         self.acquire(agent, &id, isolation_key)
@@ -717,13 +822,21 @@ impl Agents {
     pub async fn remember(
         &self,
         agent: &str,
+        isolation_key: &str,
         kind: RefKind,
         reference: &str,
         session: &str,
     ) -> Result<(), AgentsError> {
         self.inner
             .store
-            .put_ref(agent, kind, reference, session, &now_rfc3339())
+            .put_ref(
+                agent,
+                isolation_key,
+                kind,
+                reference,
+                session,
+                &now_rfc3339(),
+            )
             .await?;
         Ok(())
     }
@@ -750,45 +863,49 @@ impl Agents {
     }
 
     async fn hold_live(&self, live: Arc<Live>) -> Result<Lease, AgentsError> {
-        let guard = live.lock.lock().await;
-        match live.state() {
-            SessionState::Running => {}
-            SessionState::Suspended => self.resume_locked(&live).await?,
-            SessionState::Failed => {
-                let row = self
-                    .inner
-                    .store
-                    .session(&live.id)
-                    .await?
-                    .ok_or_else(|| no_session(&live.id))?;
-                return Err(AgentsError::Agent(format!(
-                    "session {} failed: {}",
-                    live.id,
-                    row.error.unwrap_or_else(|| "unknown error".into())
-                )));
+        // On a task of its own: a resume runs to its end even if the request goes away.
+        let me = self.clone();
+        detached(async move {
+            let guard = live.lock.lock().await;
+            match live.state() {
+                SessionState::Running => {}
+                SessionState::Suspended => me.resume_locked(&live).await?,
+                SessionState::Failed => {
+                    let row = me
+                        .inner
+                        .store
+                        .session(&live.id)
+                        .await?
+                        .ok_or_else(|| no_session(&live.id))?;
+                    let error = row.error.unwrap_or_else(|| "unknown error".into());
+                    let short = error
+                        .split("; the agent's log ends with:")
+                        .next()
+                        .unwrap_or_default();
+                    return Err(AgentsError::Agent(format!(
+                        "session {} failed: {short}",
+                        live.id
+                    )));
+                }
+                SessionState::Deleted => return Err(no_session(&live.id)),
+                s => {
+                    return Err(AgentsError::Conflict(format!(
+                        "session {} is {s}; try again",
+                        live.id
+                    )))
+                }
             }
-            SessionState::Deleted => return Err(no_session(&live.id)),
-            s => {
-                return Err(AgentsError::Conflict(format!(
-                    "session {} is {s}; try again",
-                    live.id
-                )))
-            }
-        }
-        let sandbox = live
-            .sandbox
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or_else(|| no_session(&live.id))?;
-        live.inflight.fetch_add(1, Ordering::AcqRel);
-        live.touch();
-        drop(guard);
-        Ok(Lease {
-            socket: self.inner.sandboxes.agent_socket(&sandbox),
-            session_id: live.id.clone(),
-            live,
+            let sandbox = live
+                .sandbox
+                .lock()
+                .unwrap()
+                .clone()
+                .ok_or_else(|| no_session(&live.id))?;
+            let lease = me.lease(&live, &sandbox);
+            drop(guard);
+            Ok(lease)
         })
+        .await
     }
 
     async fn resume_locked(&self, live: &Live) -> Result<(), AgentsError> {
@@ -800,9 +917,25 @@ impl Agents {
             .ok_or_else(|| no_session(&live.id))?;
         let sandbox = row.sandbox_id.clone().ok_or_else(|| no_session(&live.id))?;
         let info = self.version_info(&live.agent, live.version).await?;
-        self.make_room(&live.id).await?;
+        // Take the slot first (Resuming counts as running), then make room for it: two
+        // resumes at once cannot both see the same free slot.
         self.set_state(live, SessionState::Resuming, Some(&sandbox), None, None)
             .await?;
+        if let Err(e) = self.make_room(&live.id).await {
+            let cp: Option<Checkpoint> = row
+                .checkpoint
+                .as_ref()
+                .and_then(|c| serde_json::from_value(c.clone()).ok());
+            self.set_state(
+                live,
+                SessionState::Suspended,
+                Some(&sandbox),
+                cp.as_ref(),
+                None,
+            )
+            .await?;
+            return Err(e);
+        }
         let resumed = async {
             self.inner.sandboxes.resume(&sandbox).await?;
             self.wait_agent(&sandbox, info.spec.startup_timeout.0).await
@@ -1038,25 +1171,27 @@ impl Agents {
     ) -> Result<Session, AgentsError> {
         self.owned(id, isolation_key).await?;
         let live = self.live(id).ok_or_else(|| no_session(id))?;
-        {
+        let me = self.clone();
+        detached(async move {
             let _guard = live.lock.lock().await;
             match live.state() {
-                SessionState::Suspended => {}
+                SessionState::Suspended => Ok(()),
                 SessionState::Running => {
                     if live.inflight.load(Ordering::Acquire) != 0 {
                         return Err(AgentsError::Conflict(format!(
-                            "session {id} is serving a request; suspend it when it is idle"
+                            "session {} is serving a request; suspend it when it is idle",
+                            live.id
                         )));
                     }
-                    self.suspend_locked(&live).await?;
+                    me.suspend_locked(&live).await
                 }
-                s => {
-                    return Err(AgentsError::Conflict(format!(
-                        "session {id} is {s} and cannot be suspended"
-                    )))
-                }
+                s => Err(AgentsError::Conflict(format!(
+                    "session {} is {s} and cannot be suspended",
+                    live.id
+                ))),
             }
-        }
+        })
+        .await?;
         self.session_view(id, isolation_key).await
     }
 
@@ -1075,14 +1210,48 @@ impl Agents {
         id: &str,
         isolation_key: Option<&str>,
     ) -> Result<(), AgentsError> {
-        let row = self.owned(id, isolation_key).await?;
+        self.owned(id, isolation_key).await?;
         let live = self.live(id).ok_or_else(|| no_session(id))?;
-        let _guard = live.lock.lock().await;
-        if live.state() == SessionState::Deleted {
-            return Err(no_session(id));
+        let me = self.clone();
+        detached(async move {
+            let _guard = live.lock.lock().await;
+            me.delete_locked(&live).await
+        })
+        .await
+    }
+
+    /// Deletes a session whose retention has passed, unless a request came in meanwhile.
+    /// Never waits for a session's lock (the scheduler must not stall behind a resume).
+    async fn delete_if_expired(
+        &self,
+        live: &Arc<Live>,
+        retention: Duration,
+    ) -> Result<bool, AgentsError> {
+        let Ok(_guard) = live.lock.try_lock() else {
+            return Ok(false);
+        };
+        let idle = SystemTime::now()
+            .duration_since(live.last_activity())
+            .unwrap_or_default();
+        if live.inflight.load(Ordering::Acquire) != 0 || idle < retention {
+            return Ok(false);
         }
+        self.delete_locked(live).await.map(|()| true)
+    }
+
+    /// Deletes the session's sandbox, then its row. The caller holds the session's lock. A
+    /// deletion that failed half way (state `deleted`, sandbox still there) is finished.
+    async fn delete_locked(&self, live: &Arc<Live>) -> Result<(), AgentsError> {
+        let id = &live.id;
+        // Read under the lock: a creation that just finished has set the sandbox.
+        let row = self
+            .inner
+            .store
+            .session(id)
+            .await?
+            .ok_or_else(|| no_session(id))?;
         self.set_state(
-            &live,
+            live,
             SessionState::Deleted,
             row.sandbox_id.as_deref(),
             None,
@@ -1092,10 +1261,8 @@ impl Agents {
         if let Some(sb) = &row.sandbox_id {
             match self.inner.sandboxes.delete(sb).await {
                 Ok(()) | Err(SandboxError::NotFound(_)) => {}
-                Err(e) => {
-                    // Keep the row (state deleted) so that the next attempt finds it.
-                    return Err(e.into());
-                }
+                // The row stays (state deleted), and a next attempt finishes the job.
+                Err(e) => return Err(e.into()),
             }
         }
         self.inner.store.delete_session(id).await?;
@@ -1103,6 +1270,16 @@ impl Agents {
         tracing::info!(session = %id, "session deleted");
         Ok(())
     }
+}
+
+/// Runs `f` on a task of its own and waits for it: a transition started for a request goes
+/// to its end even if the request is dropped (its client went away) meanwhile.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, AgentsError>> + Send + 'static,
+) -> Result<T, AgentsError> {
+    tokio::spawn(f).await.map_err(|e| {
+        AgentsError::Sandbox(SandboxError::Internal(format!("session task failed: {e}")))
+    })?
 }
 
 fn version_view(row: VersionRow) -> Result<Version, AgentsError> {

@@ -74,9 +74,17 @@ async fn retention_pass(agents: &Agents) {
         if since < info.spec.session_retention.0 {
             continue;
         }
-        tracing::info!(session = %live.id, agent = %live.agent, since = ?since, "session retention expired; deleting it");
-        if let Err(e) = agents.delete_session(&live.id, None).await {
-            tracing::warn!(session = %live.id, error = %e, "cannot delete expired session");
+        match agents
+            .delete_if_expired(&live, info.spec.session_retention.0)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(session = %live.id, agent = %live.agent, since = ?since, "session retention expired; deleted it")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(session = %live.id, error = %e, "cannot delete expired session")
+            }
         }
     }
 }

@@ -222,8 +222,42 @@ pub async fn exec(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let r = session_ref(&st, &params, &headers).await?;
-    let (_lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
-    sandboxes::exec(State(st.clone()), Path(sandbox), headers, body).await
+    let (lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
+    let resp = sandboxes::exec(State(st.clone()), Path(sandbox), headers, body).await?;
+    Ok(held(resp, lease))
+}
+
+/// The response with `lease` held until its body has been sent: a streamed exec or a large
+/// download keeps the session from being suspended under it.
+fn held(resp: Response, lease: hangar_agents::Lease) -> Response {
+    struct Held {
+        body: Body,
+        _lease: hangar_agents::Lease,
+    }
+    impl hyper::body::Body for Held {
+        type Data = Bytes;
+        type Error = axum::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+            std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.body.is_end_stream()
+        }
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            self.body.size_hint()
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        Body::new(Held {
+            body,
+            _lease: lease,
+        }),
+    )
 }
 
 /// Which files operation a session files route is.
@@ -243,14 +277,15 @@ async fn files(
     route: FilesRoute,
 ) -> Result<Response, ApiError> {
     let r = session_ref(&st, &params, &headers).await?;
-    let (_lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
+    let (lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
     let (st, id, q) = (State(st.clone()), Path(sandbox), Query(q));
-    match route {
+    let resp = match route {
         FilesRoute::Read => sandboxes::read_file(st, id, q).await,
         FilesRoute::Stat => sandboxes::stat_file(st, id, q).await,
         FilesRoute::Mkdir => sandboxes::mkdir(st, id, q).await,
         FilesRoute::Delete => sandboxes::delete_file(st, id, q).await,
-    }
+    }?;
+    Ok(held(resp, lease))
 }
 
 pub async fn read_file(
@@ -297,8 +332,10 @@ pub async fn write_file(
     body: Body,
 ) -> Result<Response, ApiError> {
     let r = session_ref(&st, &params, &headers).await?;
-    let (_lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
-    sandboxes::write_file(State(st.clone()), Path(sandbox), Query(q), headers, body).await
+    let (lease, sandbox) = st.agents.sandbox_of(&r.id, r.user.as_deref()).await?;
+    let resp =
+        sandboxes::write_file(State(st.clone()), Path(sandbox), Query(q), headers, body).await?;
+    Ok(held(resp, lease))
 }
 
 #[derive(Deserialize)]

@@ -98,6 +98,7 @@ pub async fn responses(
     let capture = Capture {
         agents: st.agents.clone(),
         agent: name,
+        isolation_key: user,
         session: lease.session_id.clone(),
     };
     forward(
@@ -232,7 +233,7 @@ pub struct AgentPool {
 }
 
 /// Idle connections kept per agent socket.
-const POOL_PER_SOCKET: usize = 64;
+const POOL_PER_SOCKET: usize = 16;
 
 impl AgentPool {
     fn take(&self, socket: &std::path::Path) -> Option<SendRequest<Body>> {
@@ -313,11 +314,15 @@ async fn forward(
     let (sender, resp) = match body {
         Outbound::Buffered(bytes) => {
             let pooled = match pool.take(&lease.socket) {
-                Some(mut s) => match s.send_request(build(Body::from(bytes.clone()))?).await {
+                Some(mut s) => match s.try_send_request(build(Body::from(bytes.clone()))?).await {
                     Ok(resp) => Some((s, resp)),
-                    // Closed by the agent while idle: nothing was processed; try anew.
-                    Err(e) => {
-                        tracing::debug!(error = %e, "kept-alive agent connection was closed");
+                    Err(mut e) => {
+                        if e.take_message().is_none() {
+                            // The request may have reached the agent: never send it twice.
+                            return Err(upstream_error(e.into_error()));
+                        }
+                        // Closed by the agent while idle, before the request left: try anew.
+                        tracing::debug!(error = %e.error(), "kept-alive agent connection was closed");
                         None
                     }
                 },
@@ -404,6 +409,7 @@ async fn forward(
         body,
         _lease: lease,
         sniff,
+        held: None,
         keep,
     }));
     *resp.status_mut() = parts.status;
@@ -471,9 +477,11 @@ async fn upgrade(lease: Lease, req: &mut Request, path: &str) -> Result<Response
 }
 
 /// Remembers which session made a response.
+#[derive(Clone)]
 struct Capture {
     agents: Agents,
     agent: String,
+    isolation_key: String,
     session: String,
 }
 
@@ -481,7 +489,13 @@ impl Capture {
     async fn remember(&self, response_id: String) {
         if let Err(e) = self
             .agents
-            .remember(&self.agent, RefKind::Response, &response_id, &self.session)
+            .remember(
+                &self.agent,
+                &self.isolation_key,
+                RefKind::Response,
+                &response_id,
+                &self.session,
+            )
             .await
         {
             tracing::warn!(error = %e, response = %response_id, "cannot record the response's session");
@@ -489,22 +503,26 @@ impl Capture {
     }
 }
 
-/// Watches an SSE stream for the first event that names the response (`response.created`),
-/// without holding anything back.
+/// Watches an SSE stream for the first event that names the response (`response.created`).
 struct Sniffer {
     capture: Capture,
     line: Vec<u8>,
     done: bool,
 }
 
+/// The longest SSE line looked at for a response id (`response.created` is small; a longer
+/// line is some other event).
+const MAX_SNIFF_LINE: usize = 64 * 1024;
+
 impl Sniffer {
-    fn feed(&mut self, data: &[u8]) {
+    /// The response id, if this chunk completes the line that names it.
+    fn feed(&mut self, data: &[u8]) -> Option<String> {
         for &b in data {
             if self.done {
-                return;
+                return None;
             }
             if b != b'\n' {
-                if self.line.len() < MAX_CAPTURE {
+                if self.line.len() < MAX_SNIFF_LINE {
                     self.line.push(b);
                 }
                 continue;
@@ -522,17 +540,14 @@ impl Sniffer {
                 .and_then(|i| i.as_str())
             {
                 self.done = true;
-                let id = id.to_owned();
-                let capture = Capture {
-                    agents: self.capture.agents.clone(),
-                    agent: self.capture.agent.clone(),
-                    session: self.capture.session.clone(),
-                };
-                tokio::spawn(async move { capture.remember(id).await });
+                return Some(id.to_owned());
             }
         }
+        None
     }
 }
+
+type Pending = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The agent's answer body, relayed frame by frame; holds the session's lease until the
 /// last frame, so that the session is not suspended in the middle of a stream.
@@ -540,6 +555,10 @@ struct Relay {
     body: Incoming,
     _lease: Lease,
     sniff: Option<Sniffer>,
+    /// The frame that named the response, held back until the response's session is
+    /// recorded: a client that answers `response.created` at once with a follow-up
+    /// `previous_response_id` must find it.
+    held: Option<(Pending, Frame<Bytes>)>,
     /// The connection, back to the pool once the answer has been read to its end.
     keep: Option<Keep>,
 }
@@ -548,6 +567,14 @@ struct Keep {
     pool: Arc<AgentPool>,
     socket: PathBuf,
     sender: SendRequest<Body>,
+}
+
+impl Relay {
+    fn release(&mut self) {
+        if let Some(k) = self.keep.take() {
+            k.pool.put(k.socket, k.sender);
+        }
+    }
 }
 
 impl hyper::body::Body for Relay {
@@ -559,25 +586,45 @@ impl hyper::body::Body for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some((pending, _)) = this.held.as_mut() {
+            if pending.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let (_, frame) = this.held.take().expect("held");
+            return Poll::Ready(Some(Ok(frame)));
+        }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(sniff)) = (frame.data_ref(), this.sniff.as_mut()) {
-                    sniff.feed(data);
+                let id = match (frame.data_ref(), this.sniff.as_mut()) {
+                    (Some(data), Some(sniff)) => sniff.feed(data),
+                    _ => None,
+                };
+                // hyper stops polling a body that says it has ended: give the connection
+                // back now rather than at a `None` that may never be asked for.
+                if this.body.is_end_stream() {
+                    this.release();
                 }
+                if let (Some(id), Some(sniff)) = (id, this.sniff.as_ref()) {
+                    let capture = sniff.capture.clone();
+                    let mut pending: Pending = Box::pin(async move { capture.remember(id).await });
+                    if pending.as_mut().poll(cx).is_pending() {
+                        this.held = Some((pending, frame));
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                if let Some(k) = this.keep.take() {
-                    k.pool.put(k.socket, k.sender);
-                }
+                this.release();
+                Poll::Ready(None)
             }
-            _ => {}
+            other => other,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.held.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -257,22 +257,40 @@ async fn splice<A: IntoFd, B: IntoFd>(cancel: &CancellationToken, a: A, b: B) {
     let (up_done, up_rx) = tokio::sync::oneshot::channel::<()>();
     let (down_done, mut down_rx) = tokio::sync::oneshot::channel::<()>();
     let b_for_up = b.try_clone();
-    std::thread::spawn(move || {
-        let mut a_read = a_read;
-        let _ = std::io::copy(&mut a_read, &mut b_write);
-        if let Ok(b) = &b_for_up {
-            // SAFETY: as above; `b` is a dup owned by this thread.
-            unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_WR) };
-        }
-        drop((a_read, b_write, b_for_up));
-        let _ = up_done.send(());
-    });
-    std::thread::spawn(move || {
-        let mut b_read = b_read;
-        let _ = std::io::copy(&mut b_read, &mut a_write);
-        drop((b_read, a_write));
-        let _ = down_done.send(());
-    });
+    let up = std::thread::Builder::new()
+        .name("splice-up".into())
+        .spawn(move || {
+            let mut a_read = a_read;
+            let _ = std::io::copy(&mut a_read, &mut b_write);
+            if let Ok(b) = &b_for_up {
+                // SAFETY: as above; `b` is a dup owned by this thread.
+                unsafe { libc::shutdown(b.as_raw_fd(), libc::SHUT_WR) };
+            }
+            drop((a_read, b_write, b_for_up));
+            let _ = up_done.send(());
+        });
+    if let Err(e) = up {
+        // Out of threads (the sandbox's pids limit): refuse this connection.
+        log!("forwarding: cannot start a thread: {e}");
+        shut(&a, libc::SHUT_RDWR);
+        shut(&b, libc::SHUT_RDWR);
+        return;
+    }
+    let down = std::thread::Builder::new()
+        .name("splice-down".into())
+        .spawn(move || {
+            let mut b_read = b_read;
+            let _ = std::io::copy(&mut b_read, &mut a_write);
+            drop((b_read, a_write));
+            let _ = down_done.send(());
+        });
+    if let Err(e) = down {
+        log!("forwarding: cannot start a thread: {e}");
+        shut(&a, libc::SHUT_RDWR);
+        shut(&b, libc::SHUT_RDWR);
+        let _ = up_rx.await;
+        return;
+    }
     let down_finished = tokio::select! {
         _ = cancel.cancelled() => false,
         _ = &mut down_rx => true,

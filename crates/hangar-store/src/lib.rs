@@ -272,7 +272,7 @@ impl Store {
     /// deletes the sessions' sandboxes first.
     pub async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM session_refs WHERE agent = ?")
+        sqlx::query("DELETE FROM refs WHERE agent = ?")
             .bind(name)
             .execute(&mut *tx)
             .await?;
@@ -497,40 +497,50 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Remembers that `session_id` made response `reference` (or holds conversation `reference`).
+    /// Remembers that `session_id` (owned by `isolation_key`) made response `reference` or
+    /// holds conversation `reference`. A response id already recorded keeps its session; a
+    /// conversation is bound once (the first session wins). Returns the session the reference
+    /// points at afterwards.
     pub async fn put_ref(
         &self,
         agent: &str,
+        isolation_key: &str,
         kind: RefKind,
         reference: &str,
         session_id: &str,
         now: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<String, StoreError> {
         sqlx::query(
-            "INSERT INTO session_refs (agent, kind, ref, session_id, created_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (agent, kind, ref) DO UPDATE SET session_id = excluded.session_id",
+            "INSERT INTO refs (agent, isolation_key, kind, ref, session_id, created_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (agent, isolation_key, kind, ref) DO NOTHING",
         )
         .bind(agent)
+        .bind(isolation_key)
         .bind(kind.as_str())
         .bind(reference)
         .bind(session_id)
         .bind(now)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(self
+            .session_by_ref(agent, isolation_key, kind, reference)
+            .await?
+            .unwrap_or_else(|| session_id.to_owned()))
     }
 
-    /// The session a response or conversation belongs to.
+    /// The session of `isolation_key` that made a response or holds a conversation.
     pub async fn session_by_ref(
         &self,
         agent: &str,
+        isolation_key: &str,
         kind: RefKind,
         reference: &str,
     ) -> Result<Option<String>, StoreError> {
         let row = sqlx::query(
-            "SELECT session_id FROM session_refs WHERE agent = ? AND kind = ? AND ref = ?",
+            "SELECT session_id FROM refs WHERE agent = ? AND isolation_key = ? AND kind = ? AND ref = ?",
         )
         .bind(agent)
+        .bind(isolation_key)
         .bind(kind.as_str())
         .bind(reference)
         .fetch_optional(&self.pool)

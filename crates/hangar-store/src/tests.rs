@@ -195,28 +195,44 @@ async fn sessions_are_visible_to_their_owner_only() {
         .unwrap();
     assert!(idle.is_empty(), "s2 was touched, s1 is suspended: {idle:?}");
 
-    s.put_ref("notes", RefKind::Response, "resp_1", "s1", "t")
+    let k1 = s.session("s1").await.unwrap().unwrap().isolation_key;
+    let k2 = s.session("s2").await.unwrap().unwrap().isolation_key;
+    assert_ne!(k1, k2);
+    s.put_ref("notes", &k1, RefKind::Response, "resp_1", "s1", "t")
         .await
         .unwrap();
-    s.put_ref("notes", RefKind::Conversation, "conv_1", "s2", "t")
+    // A response id, once recorded, keeps its session.
+    let kept = s
+        .put_ref("notes", &k1, RefKind::Response, "resp_1", "s3", "t")
+        .await
+        .unwrap();
+    assert_eq!(kept, "s1");
+    s.put_ref("notes", &k2, RefKind::Conversation, "conv_1", "s2", "t")
         .await
         .unwrap();
     assert_eq!(
-        s.session_by_ref("notes", RefKind::Response, "resp_1")
+        s.session_by_ref("notes", &k1, RefKind::Response, "resp_1")
             .await
             .unwrap()
             .as_deref(),
         Some("s1")
     );
+    // Another owner's reference does not exist for this one.
     assert_eq!(
-        s.session_by_ref("notes", RefKind::Conversation, "resp_1")
+        s.session_by_ref("notes", &k2, RefKind::Response, "resp_1")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        s.session_by_ref("notes", &k1, RefKind::Conversation, "conv_1")
             .await
             .unwrap(),
         None
     );
     assert!(s.delete_session("s1").await.unwrap());
     assert_eq!(
-        s.session_by_ref("notes", RefKind::Response, "resp_1")
+        s.session_by_ref("notes", &k1, RefKind::Response, "resp_1")
             .await
             .unwrap(),
         None,
