@@ -413,17 +413,23 @@ impl Agents {
     /// Deletes an agent, every session of it and their sandboxes.
     pub async fn delete_agent(&self, name: &str) -> Result<(), AgentsError> {
         self.require_agent(name).await?;
-        for l in self.all_live() {
-            if l.agent == name {
-                self.delete_session(&l.id, None).await?;
-            }
-        }
-        self.inner.store.delete_agent(name).await?;
+        // Versions go first, so that no new session can start; then every session (a
+        // creation in flight finishes first: its lock is awaited), then the agent.
+        self.inner.store.delete_agent_versions(name).await?;
         self.inner
             .versions
             .lock()
             .unwrap()
             .retain(|(a, _), _| a != name);
+        for l in self.all_live() {
+            if l.agent == name {
+                match self.delete_session(&l.id, None).await {
+                    Ok(()) | Err(AgentsError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.inner.store.delete_agent(name).await?;
         Ok(())
     }
 

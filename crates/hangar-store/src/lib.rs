@@ -268,6 +268,22 @@ impl Store {
         }))
     }
 
+    /// Deletes an agent's versions and traffic (the agent stays, with no version to start a
+    /// session on).
+    pub async fn delete_agent_versions(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM traffic WHERE agent = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM versions WHERE agent = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Deletes an agent with its versions, traffic, sessions and references. The caller
     /// deletes the sessions' sandboxes first.
     pub async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
