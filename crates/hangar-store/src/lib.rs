@@ -272,14 +272,7 @@ impl Store {
     /// session on).
     pub async fn delete_agent_versions(&self, name: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM traffic WHERE agent = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM versions WHERE agent = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        delete_versions_in(&mut tx, name).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -296,14 +289,7 @@ impl Store {
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM traffic WHERE agent = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM versions WHERE agent = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        delete_versions_in(&mut tx, name).await?;
         let r = sqlx::query("DELETE FROM agents WHERE name = ?")
             .bind(name)
             .execute(&mut *tx)
@@ -594,6 +580,19 @@ fn session_row(r: &sqlx::sqlite::SqliteRow) -> Result<SessionRow, StoreError> {
             .transpose()?,
         error: r.get("error"),
     })
+}
+
+async fn delete_versions_in(
+    tx: &mut sqlx::SqliteConnection,
+    agent: &str,
+) -> Result<(), StoreError> {
+    for table in ["traffic", "versions"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE agent = ?"))
+            .bind(agent)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn traffic_in(

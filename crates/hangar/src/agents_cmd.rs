@@ -92,17 +92,7 @@ pub enum SessionsCmd {
     /// Show one session.
     Show { id: String },
     /// Run a command in a session's sandbox; exits with its exit code.
-    Exec {
-        id: String,
-        #[arg(long)]
-        cwd: Option<String>,
-        #[arg(long)]
-        user: Option<String>,
-        #[arg(long)]
-        timeout: Option<u64>,
-        #[arg(trailing_var_arg = true, required = true)]
-        cmd: Vec<String>,
-    },
+    Exec(sandbox_cmd::ExecArgs),
     /// Copy a file into (`cp LOCAL SESSION:/path`) or out of (`cp SESSION:/path LOCAL|-`) a session.
     Cp { src: String, dst: String },
     /// The agent's stdout and stderr.
@@ -581,16 +571,7 @@ pub async fn sessions(c: &Client, cmd: SessionsCmd) -> anyhow::Result<ExitCode> 
                 .await?;
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
-        SessionsCmd::Exec {
-            id,
-            cwd,
-            user,
-            timeout,
-            cmd,
-        } => {
-            return sandbox_cmd::exec(c, &format!("/v1/sessions/{id}"), cmd, cwd, user, timeout)
-                .await
-        }
+        SessionsCmd::Exec(a) => return sandbox_cmd::exec(c, "/v1/sessions", a).await,
         SessionsCmd::Cp { src, dst } => sandbox_cmd::cp(c, &src, &dst, SESSION).await?,
         SessionsCmd::Logs { id, follow } => {
             let resp = c

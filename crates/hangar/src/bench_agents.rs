@@ -83,6 +83,31 @@ async fn unix_conn(path: &std::path::Path) -> anyhow::Result<SendRequest<Full<By
     Ok(sender)
 }
 
+/// A request as `user` naming no session (so Hangar picks or makes one) on a new connection:
+/// the status, the session it landed in, and the answer.
+async fn first_request(
+    authority: &str,
+    path: &str,
+    user: &str,
+    body: &Bytes,
+) -> anyhow::Result<(hyper::StatusCode, Option<String>, Bytes)> {
+    let mut conn = tcp_conn(authority).await?;
+    let req = hyper::Request::post(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .header(USER_HEADER, user)
+        .body(Full::new(body.clone()))?;
+    let resp = conn.send_request(req).await?;
+    let session = resp
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let status = resp.status();
+    let text = resp.into_body().collect().await?.to_bytes();
+    Ok((status, session, text))
+}
+
 /// One small `/responses` call on a kept-alive connection; its latency.
 async fn one(
     sender: &mut SendRequest<Full<Bytes>>,
@@ -188,20 +213,8 @@ pub async fn gateway(url: &str, b: GatewayBench) -> anyhow::Result<ExitCode> {
     let data_dir = b.data_dir.unwrap_or_else(crate::default_data_dir);
     let body = Bytes::from_static(br#"{"input": "hello", "stream": false}"#);
     // A session to measure on.
-    let mut conn = tcp_conn(&authority).await?;
-    let req = hyper::Request::post(format!("/agents/{}/responses", b.agent))
-        .header("host", "localhost")
-        .header("content-type", "application/json")
-        .header(USER_HEADER, "bench")
-        .body(Full::new(body.clone()))?;
-    let resp = conn.send_request(req).await?;
-    let session = resp
-        .headers()
-        .get(SESSION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let status = resp.status();
-    let text = resp.into_body().collect().await?.to_bytes();
+    let path = format!("/agents/{}/responses", b.agent);
+    let (status, session, text) = first_request(&authority, &path, "bench", &body).await?;
     let Some(session) = session.filter(|_| status.is_success()) else {
         bail!(
             "the first request failed ({status}): {}",
@@ -225,7 +238,7 @@ pub async fn gateway(url: &str, b: GatewayBench) -> anyhow::Result<ExitCode> {
     let hangar = std::sync::Arc::new(Target {
         socket: None,
         authority: authority.clone(),
-        path: format!("/agents/{}/responses", b.agent),
+        path: path.clone(),
     });
     let direct = std::sync::Arc::new(Target {
         socket: Some(socket),
@@ -313,21 +326,9 @@ pub async fn sessions(url: &str, b: SessionsBench) -> anyhow::Result<ExitCode> {
         for i in 0..b.runs {
             eprint!("\rrun {}/{}", i + 1, b.runs);
             // New session: the first request creates it and waits for the agent.
-            let mut conn = tcp_conn(&authority).await?;
             let t = Instant::now();
-            let req = hyper::Request::post(&path)
-                .header("host", "localhost")
-                .header("content-type", "application/json")
-                .header(USER_HEADER, format!("bench-{i}"))
-                .body(Full::new(body.clone()))?;
-            let resp = conn.send_request(req).await?;
-            let session = resp
-                .headers()
-                .get(SESSION_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let status = resp.status();
-            let text = resp.into_body().collect().await?.to_bytes();
+            let (status, session, text) =
+                first_request(&authority, &path, &format!("bench-{i}"), &body).await?;
             fresh.push(t.elapsed().as_secs_f64() * 1000.0);
             let Some(session) = session.filter(|_| status.is_success()) else {
                 bail!(

@@ -52,17 +52,7 @@ pub enum SandboxCmd {
     /// Show one sandbox.
     Get { id: String },
     /// Run a command in a sandbox; exits with its exit code.
-    Exec {
-        id: String,
-        #[arg(long)]
-        cwd: Option<String>,
-        #[arg(long)]
-        user: Option<String>,
-        #[arg(long)]
-        timeout: Option<u64>,
-        #[arg(trailing_var_arg = true, required = true)]
-        cmd: Vec<String>,
-    },
+    Exec(ExecArgs),
     /// Copy a file into (`cp LOCAL ID:/path`) or out of (`cp ID:/path LOCAL|-`) a sandbox.
     Cp { src: String, dst: String },
     /// Suspend a sandbox (scale to zero).
@@ -148,13 +138,7 @@ pub async fn run(c: &Client, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
                 .await?;
             println!("{}", serde_json::to_string_pretty(&sb)?);
         }
-        SandboxCmd::Exec {
-            id,
-            cwd,
-            user,
-            timeout,
-            cmd,
-        } => return exec(c, &format!("/v1/sandboxes/{id}"), cmd, cwd, user, timeout).await,
+        SandboxCmd::Exec(a) => return exec(c, "/v1/sandboxes", a).await,
         SandboxCmd::Cp { src, dst } => cp(c, &src, &dst, SANDBOX).await?,
         SandboxCmd::Suspend { id, json } => {
             let sb: Sandbox = c
@@ -190,17 +174,25 @@ pub async fn run(c: &Client, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs a command in the sandbox at `base` (`/v1/sandboxes/ID` or `/v1/sessions/ID`),
-/// streaming its output; the exit code is the command's.
-pub async fn exec(
-    c: &Client,
-    base: &str,
-    cmd: Vec<String>,
+/// `exec ID [--cwd] [--user] [--timeout] -- CMD...`, for sandboxes and sessions alike.
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    id: String,
+    #[arg(long)]
     cwd: Option<String>,
+    #[arg(long)]
     user: Option<String>,
+    #[arg(long)]
     timeout: Option<u64>,
-) -> anyhow::Result<ExitCode> {
-    let body = json!({"cmd": cmd, "cwd": cwd, "user": user, "timeout_s": timeout});
+    #[arg(trailing_var_arg = true, required = true)]
+    cmd: Vec<String>,
+}
+
+/// Runs a command in sandbox or session `a.id` under `base` (`/v1/sandboxes` or
+/// `/v1/sessions`), streaming its output; the exit code is the command's.
+pub async fn exec(c: &Client, base: &str, a: ExecArgs) -> anyhow::Result<ExitCode> {
+    let base = format!("{base}/{}", a.id);
+    let body = json!({"cmd": a.cmd, "cwd": a.cwd, "user": a.user, "timeout_s": a.timeout});
     let resp = c
         .send(
             Method::POST,
