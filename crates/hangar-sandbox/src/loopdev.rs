@@ -40,17 +40,26 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+/// How long `attach` waits for a previous attachment of the same image to go away.
+const ATTACHED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Attaches `image` to a free loop device and returns the device's path. The returned file
 /// keeps the device open; drop it once the filesystem is mounted.
 pub fn attach(image: &Path) -> std::io::Result<(PathBuf, File)> {
-    if let Some(dev) = attached_to(image)? {
-        // Still mounted somewhere (a mount namespace that has not died yet): mounting the same
-        // ext4 image twice would corrupt it.
-        return Err(std::io::Error::other(format!(
-            "{} is still attached to {}; its previous mount is in use",
-            image.display(),
-            dev.display()
-        )));
+    // Still mounted somewhere: a mount namespace of the stopped sandbox that the kernel has
+    // not torn down yet (it does so asynchronously, slower on a busy host). The device
+    // detaches itself (autoclear) once that last mount is gone; wait for it a while, since
+    // mounting the same ext4 image twice would corrupt it.
+    let deadline = std::time::Instant::now() + ATTACHED_WAIT;
+    while let Some(dev) = attached_to(image)? {
+        if std::time::Instant::now() >= deadline {
+            return Err(std::io::Error::other(format!(
+                "{} is still attached to {} after {ATTACHED_WAIT:?}; its previous mount is in use",
+                image.display(),
+                dev.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
     let control = OpenOptions::new()
