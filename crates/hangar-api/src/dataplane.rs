@@ -365,21 +365,26 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let mut body = body;
+    let mut prefix = None;
     let sniff = match capture {
         Some(c) if parts.status.is_success() && content_type.starts_with("application/json") => {
-            // A JSON answer is one object: read it whole (bounded) for its id.
-            let small = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok())
-                .is_none_or(|n| n <= MAX_CAPTURE);
-            if small {
-                let bytes = http_body_util::Limited::new(body, MAX_CAPTURE)
-                    .collect()
-                    .await
-                    .map_err(upstream_error)?
-                    .to_bytes();
+            // A JSON answer is one object: read it whole (bounded) for its id. One larger
+            // than that is relayed as it is, without its id noted.
+            let mut buf = bytes::BytesMut::new();
+            let mut whole = true;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(upstream_error)?;
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > MAX_CAPTURE {
+                        whole = false;
+                        break;
+                    }
+                }
+            }
+            if whole {
+                let bytes = buf.freeze();
                 if let Some(id) = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
@@ -396,6 +401,7 @@ async fn forward(
                 *resp.headers_mut() = out_headers;
                 return Ok(resp);
             }
+            prefix = Some(buf.freeze());
             None
         }
         Some(c) if content_type.starts_with("text/event-stream") => Some(Sniffer {
@@ -410,6 +416,7 @@ async fn forward(
         _lease: lease,
         sniff,
         held: None,
+        prefix,
         keep,
     }));
     *resp.status_mut() = parts.status;
@@ -559,6 +566,8 @@ struct Relay {
     /// recorded: a client that answers `response.created` at once with a follow-up
     /// `previous_response_id` must find it.
     held: Option<(Pending, Frame<Bytes>)>,
+    /// What was already read of the answer, sent first.
+    prefix: Option<Bytes>,
     /// The connection, back to the pool once the answer has been read to its end.
     keep: Option<Keep>,
 }
@@ -586,6 +595,9 @@ impl hyper::body::Body for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         if let Some((pending, _)) = this.held.as_mut() {
             if pending.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -624,10 +636,21 @@ impl hyper::body::Body for Relay {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.body.is_end_stream()
+        self.prefix.is_none() && self.held.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        let inner = self.body.size_hint();
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64)
+            + self
+                .held
+                .as_ref()
+                .map_or(0, |(_, f)| f.data_ref().map_or(0, |d| d.len() as u64));
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower() + extra);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint
     }
 }

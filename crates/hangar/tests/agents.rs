@@ -266,6 +266,22 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     );
     assert_eq!(r.status, 413, "{}", r.text());
 
+    // A JSON answer too large to read whole is relayed as it is.
+    let r = respond(
+        &server,
+        "probe",
+        "alice",
+        &json!({"input": "big", "agent_session_id": s}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body.len(),
+        17 * 1048576 + "{\"id\": \"\", \"pad\": \"\"}".len() + 21,
+        "{}",
+        r.body.len()
+    );
+    assert!(r.text().ends_with("xx\"}"));
+
     // An agent process that dies is restarted, and the session shows it.
     let pid = probe(&respond(
         &server,

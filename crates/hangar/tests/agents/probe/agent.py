@@ -91,6 +91,17 @@ class Handler(BaseHTTPRequestHandler):
             rid = "resp_" + secrets.token_hex(8)
             info = {"count": n, "input": req.get("input"), **self.info()}
             text = json.dumps(info)
+            if req.get("input") == "big":
+                # A JSON answer larger than the gateway reads whole (16 MiB), chunked.
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                parts = [('{"id": "%s", "pad": "' % rid).encode()] + [b"x" * 1048576] * 17 + [b'"}']
+                for p in parts:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(p), p))
+                self.wfile.write(b"0\r\n\r\n")
+                return
             if not req.get("stream"):
                 return self.send_json(200, {"id": rid, "object": "response", "status": "completed",
                                             "output": [{"type": "message", "role": "assistant",
