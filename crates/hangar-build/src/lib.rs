@@ -133,6 +133,36 @@ impl Progress {
     }
 }
 
+/// What a server that stopped in the middle of a build or export left: half-written layouts
+/// (`<data>/images/oci/.tmp-*`) and unpacked contexts (`<data>/buildah/tmp/*`). Nothing else
+/// uses them, and no build runs yet.
+fn remove_leftovers(data_dir: &std::path::Path) {
+    let oci = data_dir.join("images/oci");
+    let tmp = data_dir.join("buildah/tmp");
+    let leftovers = std::fs::read_dir(&oci)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .chain(std::fs::read_dir(&tmp).into_iter().flatten().flatten());
+    for e in leftovers {
+        let path = e.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a leftover of an interrupted build")
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot remove a leftover of an interrupted build")
+            }
+        }
+    }
+}
+
 /// `overlay` where the data directory can hold an overlayfs upper directory (builds share
 /// the base image's files instead of copying them for every step: ~5× faster), else `vfs`.
 /// Storage already made with one driver keeps it.
@@ -193,6 +223,7 @@ impl Images {
             }
             _ => storage_driver_for(&data_dir),
         };
+        remove_leftovers(&data_dir);
         Images {
             data_dir,
             store,
