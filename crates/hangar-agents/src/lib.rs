@@ -450,29 +450,29 @@ impl Agents {
         isolation_key: &str,
         version: Option<i64>,
     ) -> Result<Session, AgentsError> {
-        let me = self.clone();
-        let (agent_, key) = (agent.to_owned(), isolation_key.to_owned());
-        let (live, _) =
-            detached(async move { me.new_session(&agent_, &key, version, false).await }).await?;
+        let (live, _) = self
+            .spawn_new_session(agent, isolation_key, version, false)
+            .await?;
         self.session_view(&live.id, None).await
     }
 
-    /// A new session, already holding a lease for its first request (so that nothing can
-    /// suspend it between its creation and that request). It is created on a task of its
-    /// own: a client that goes away does not cut a creation short half way.
+    /// [`Agents::new_session`] on a task of its own: a client that goes away does not cut a
+    /// creation short half way.
     async fn spawn_new_session(
         &self,
         agent: &str,
         isolation_key: &str,
         version: Option<i64>,
-    ) -> Result<Lease, AgentsError> {
+        lease: bool,
+    ) -> Result<(Arc<Live>, Option<Lease>), AgentsError> {
         let me = self.clone();
         let (agent, key) = (agent.to_owned(), isolation_key.to_owned());
-        let (_, lease) =
-            detached(async move { me.new_session(&agent, &key, version, true).await }).await?;
-        Ok(lease.expect("a lease was asked for"))
+        detached(async move { me.new_session(&agent, &key, version, lease).await }).await
     }
 
+    /// Makes a session: its row (`creating`), room under the node's cap, its sandbox, and
+    /// the agent's readiness. With `lease`, the first request's lease is taken under the
+    /// session's lock, so that nothing can suspend it before that request arrives.
     async fn new_session(
         &self,
         agent: &str,
@@ -786,7 +786,12 @@ impl Agents {
                 }
             }
         }
-        let lease = self.spawn_new_session(agent, isolation_key, None).await?;
+        // Its lease is taken as it is made, so that nothing can suspend it before this
+        // request reaches it.
+        let (_, lease) = self
+            .spawn_new_session(agent, isolation_key, None, true)
+            .await?;
+        let lease = lease.expect("a lease was asked for");
         if let Some(conv) = &route.conversation {
             // Two first requests of one conversation may race: the first binding wins, and
             // the loser's request still gets its answer from its own new session.

@@ -2,11 +2,9 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use hangar_proto::ErrorBody;
-use std::error::Error as _;
-
 use hangar_agents::{AgentsError, ErrorSource};
 use hangar_proto::agent::ERROR_SOURCE_HEADER;
+use hangar_proto::ErrorBody;
 use hangar_sandbox::{LinkError, SandboxError};
 
 #[derive(Debug)]
@@ -92,10 +90,7 @@ impl From<AgentsError> for ApiError {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
-                    format!(
-                        "{e}: {}",
-                        e.source().map(|s| s.to_string()).unwrap_or_default()
-                    ),
+                    hangar_sandbox::error_chain(&e),
                 )
             }
         };

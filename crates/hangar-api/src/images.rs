@@ -70,7 +70,11 @@ impl From<ImageError> for ApiError {
             ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
         } else {
             tracing::error!(error = ?e, "image operation failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), chain(&e))
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.code(),
+                hangar_sandbox::error_chain(&e),
+            )
         }
     }
 }
@@ -85,20 +89,8 @@ impl From<ContextError> for ApiError {
             }
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError::new(status, e.code(), chain(&e))
+        ApiError::new(status, e.code(), hangar_sandbox::error_chain(&e))
     }
-}
-
-/// The error and its sources in one line, as `error: cause: cause`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn detail(e: &ImageError) -> ErrorDetail {
@@ -107,7 +99,7 @@ fn detail(e: &ImageError) -> ErrorDetail {
     }
     ErrorDetail {
         code: e.code().to_string(),
-        message: chain(e),
+        message: hangar_sandbox::error_chain(e),
     }
 }
 

@@ -284,16 +284,26 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, ByteSize)
+    }
+}
+
+/// A value written either as a plain number (`from_number` says what it means) or as text
+/// in the type's own notation (`512Mi`, `15m`).
+fn number_or_text<'de, D, T>(d: D, from_number: impl FnOnce(u64) -> T) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Num(n) => Ok(from_number(n)),
+        Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
     }
 }
 
@@ -333,16 +343,7 @@ impl Serialize for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(HumanDuration(Duration::from_secs(n))),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, |secs| HumanDuration(Duration::from_secs(secs)))
     }
 }
 

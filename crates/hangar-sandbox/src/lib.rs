@@ -23,5 +23,5 @@ mod volume;
 
 pub use driver::{Driver, DriverError, Layout, Recovered, Resumed, Suspended};
 pub use link::{InitLink, LinkError};
-pub use manager::{Config, SandboxError, Sandboxes};
+pub use manager::{error_chain, Config, SandboxError, Sandboxes};
 pub use probe::{probe_host, DriverProbe, HostProbe};
