@@ -2,7 +2,7 @@
 //! their `session_retention`, and keep the store's `last_activity` up to date.
 
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use hangar_proto::agent::SessionState;
 
@@ -11,20 +11,35 @@ use crate::Agents;
 pub(crate) async fn run(agents: Agents) {
     let mut tick = tokio::time::interval(agents.inner.cfg.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_flush = Instant::now();
     loop {
         tick.tick().await;
         idle_pass(&agents).await;
         retention_pass(&agents).await;
+        if last_flush.elapsed() >= FLUSH_EVERY {
+            last_flush = Instant::now();
+            flush_pass(&agents).await;
+        }
     }
 }
 
-async fn idle_pass(agents: &Agents) {
+/// How often last activity goes to the store. It only matters after a restart of `hangar
+/// serve` (the scheduler works from memory; a suspension flushes its session first), so a
+/// busy node does not write every active session twice a second.
+const FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+async fn flush_pass(agents: &Agents) {
     for live in agents.all_live() {
         if live.dirty.load(Ordering::Acquire) {
             if let Err(e) = agents.flush_activity(&live).await {
                 tracing::warn!(session = %live.id, error = %e, "cannot record last activity");
             }
         }
+    }
+}
+
+async fn idle_pass(agents: &Agents) {
+    for live in agents.all_live() {
         if live.state() != SessionState::Running || live.inflight.load(Ordering::Acquire) != 0 {
             continue;
         }

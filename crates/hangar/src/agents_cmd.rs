@@ -25,8 +25,9 @@ pub struct DeployArgs {
     /// The agent's directory (holding agent.yaml).
     #[arg(default_value = ".")]
     dir: PathBuf,
-    /// Traffic for the new version as VERSION=PERCENT (only the new version's share is
-    /// honoured, e.g. `--traffic 3=10`); default 0 for a later version, 100 for the first.
+    /// Traffic for the new version as NEW_VERSION=PERCENT (e.g. `--traffic 3=10`, checked
+    /// against the number the version will get) or PERCENT; the others keep their proportions.
+    /// Default: 0 for a later version, 100 for the first.
     #[arg(long)]
     traffic: Option<String>,
     #[arg(long)]
@@ -129,13 +130,42 @@ pub async fn deploy(c: &Client, url: &str, args: DeployArgs) -> anyhow::Result<E
     let traffic = match &args.traffic {
         None => None,
         Some(t) => {
-            let (_, w) = t
-                .split_once('=')
-                .with_context(|| format!("--traffic {t:?} is not VERSION=PERCENT"))?;
-            Some(
-                w.parse::<u8>()
-                    .with_context(|| format!("--traffic {t:?}: bad percent"))?,
-            )
+            let (version, percent) = match t.split_once('=') {
+                Some((v, p)) => (Some(v), p),
+                None => (None, t.as_str()),
+            };
+            let percent = percent
+                .trim_end_matches('%')
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .with_context(|| format!("--traffic {t:?}: the percent must be 0 to 100"))?;
+            if let Some(v) = version {
+                let v: i64 = v
+                    .trim_start_matches('v')
+                    .parse()
+                    .with_context(|| format!("--traffic {t:?} is not NEW_VERSION=PERCENT"))?;
+                // Checked before anything is built: a share meant for another version must
+                // not land on this one.
+                let next = match c
+                    .json::<VersionList>(
+                        Method::GET,
+                        &format!("/v1/agents/{}/versions", spec.name),
+                        None,
+                    )
+                    .await
+                {
+                    Ok(list) => list.versions.last().map_or(1, |l| l.number + 1),
+                    Err(_) => 1,
+                };
+                if v != next {
+                    bail!(
+                        "--traffic {t:?}: this deploy makes version {next} of {}, not {v}",
+                        spec.name
+                    );
+                }
+            }
+            Some(percent)
         }
     };
     let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();

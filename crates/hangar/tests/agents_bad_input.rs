@@ -121,6 +121,15 @@ fn bad_api_requests_change_nothing() {
         assert_eq!(r.status, status, "POST {path} {body}: {}", r.text());
         assert!(r.json()["error"]["message"].as_str().is_some());
     }
+    // A share meant for another version number is refused before anything is built.
+    for t in ["5=10", "2=101", "lots"] {
+        let out = cli(
+            &server,
+            &["deploy", dir.path().to_str().unwrap(), "--traffic", t],
+        );
+        assert!(!out.status.success(), "--traffic {t} was accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--traffic"));
+    }
     let r = server.raw("POST", "/v1/agents/probe/versions", b"{\"image\": ");
     assert_eq!(r.status, 400);
     let after = server.call("GET", "/v1/agents/probe/versions", None).json();
