@@ -1064,12 +1064,20 @@ impl Agents {
         row.ok_or_else(|| no_session(id))
     }
 
+    /// The agent a session belongs to, as `isolation_key` sees it (a cheap ownership check).
+    pub async fn session_agent(
+        &self,
+        id: &str,
+        isolation_key: Option<&str>,
+    ) -> Result<String, AgentsError> {
+        Ok(self.owned(id, isolation_key).await?.agent)
+    }
+
     pub async fn session(
         &self,
         id: &str,
         isolation_key: Option<&str>,
     ) -> Result<Session, AgentsError> {
-        self.owned(id, isolation_key).await?;
         self.session_view(id, isolation_key).await
     }
 

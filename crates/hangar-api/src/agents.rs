@@ -170,8 +170,7 @@ async fn session_ref(
         .ok_or_else(|| ApiError::bad_request("missing session id"))?;
     let user = asserted_user(headers)?;
     if let Some(name) = params.get("name") {
-        let s = st.agents.session(&id, user.as_deref()).await?;
-        if &s.agent != name {
+        if &st.agents.session_agent(&id, user.as_deref()).await? != name {
             return Err(hangar_agents::AgentsError::NotFound(format!("no session {id:?}")).into());
         }
     }
