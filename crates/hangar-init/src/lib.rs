@@ -19,6 +19,8 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod guard;
+pub mod guest;
+pub mod guest_link;
 pub mod links;
 pub mod reaper;
 pub mod resolve;

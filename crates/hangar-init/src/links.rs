@@ -39,6 +39,10 @@ struct Generation {
 pub struct HostSockets {
     run_dir: PathBuf,
     agent_port: u16,
+    /// Whether [`HostSockets::suspend`] must let go of the sockets: gVisor's checkpoint needs
+    /// it; a microVM's snapshot does not (its sockets are the guest's own, and the host side
+    /// reconnects through the link port).
+    release_on_suspend: bool,
     current: Mutex<Option<Generation>>,
 }
 
@@ -47,8 +51,15 @@ impl HostSockets {
         HostSockets {
             run_dir,
             agent_port,
+            release_on_suspend: true,
             current: Mutex::new(None),
         }
+    }
+
+    /// Sockets that stay bound across a suspend (see `release_on_suspend`).
+    pub fn kept_on_suspend(mut self) -> HostSockets {
+        self.release_on_suspend = false;
+        self
     }
 
     fn socket_path(&self, name: &str) -> PathBuf {
@@ -108,6 +119,9 @@ impl HostSockets {
     /// removes the socket files, and asks control connections to close after their current
     /// response. Returns once everything but those control connections is closed.
     pub async fn suspend(&self) {
+        if !self.release_on_suspend {
+            return;
+        }
         let Some(gen) = self
             .current
             .lock()

@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::agent::Agent;
 use crate::config::{self, Paths};
 use crate::control::{self, App};
+use crate::guest::{self, Guest};
 use crate::links::HostSockets;
 use crate::reaper::Reaper;
 
@@ -22,14 +23,31 @@ const AGENT_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `hangar-init`; returns the process exit code.
 pub fn main() -> i32 {
+    // In a microVM, PID 1 first has to make the sandbox out of the initramfs.
+    let guest = match guest::mode() {
+        Some(mode) => match guest::setup(mode) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                log!("the guest cannot start: {e}");
+                guest::power_off();
+            }
+        },
+        None => None,
+    };
     let paths = Paths::from_env();
     let config = match config::load(&paths.run_dir) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             log!("{e}");
+            if guest.is_some() {
+                guest::power_off();
+            }
             return 1;
         }
     };
+    if let Some(limits) = &config.vm {
+        guest::apply_limits(limits);
+    }
     let pid1 = std::process::id() == 1;
     if let Err(e) = loopback_up() {
         log!("cannot bring up lo: {e}");
@@ -39,6 +57,7 @@ pub fn main() -> i32 {
             log!("cannot create /dev/shm: {e}");
         }
     }
+    let guest_mode = guest.is_some();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -50,10 +69,20 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    runtime.block_on(run(paths, config, pid1))
+    let code = runtime.block_on(run(paths, config, pid1, guest));
+    if guest_mode {
+        // PID 1 of a VM must not exit (the kernel would panic): the VM ends here.
+        guest::power_off();
+    }
+    code
 }
 
-async fn run(paths: Paths, config: Arc<hangar_proto::init::InitConfig>, pid1: bool) -> i32 {
+async fn run(
+    paths: Paths,
+    config: Arc<hangar_proto::init::InitConfig>,
+    pid1: bool,
+    guest: Option<Guest>,
+) -> i32 {
     let reaper = Arc::new(Reaper::new());
     if let Err(e) = reaper.start() {
         log!("cannot handle SIGCHLD: {e}");
@@ -71,7 +100,12 @@ async fn run(paths: Paths, config: Arc<hangar_proto::init::InitConfig>, pid1: bo
         }
     };
     let agent = Agent::new(config.agent.is_some());
-    let sockets = Arc::new(HostSockets::new(paths.run_dir.clone(), config.agent_port));
+    let sockets = HostSockets::new(paths.run_dir.clone(), config.agent_port);
+    let sockets = Arc::new(if guest.is_some() {
+        sockets.kept_on_suspend()
+    } else {
+        sockets
+    });
     let app = Arc::new(App {
         config: config.clone(),
         reaper: reaper.clone(),
@@ -88,6 +122,18 @@ async fn run(paths: Paths, config: Arc<hangar_proto::init::InitConfig>, pid1: bo
         log!("{e}");
         return 1;
     }
+    // The host reaches the sockets through the link port only once they are bound.
+    let _link = match guest {
+        Some(g) => match crate::guest_link::start(g.port, paths.run_dir.clone(), config.agent_port)
+        {
+            Ok(link) => Some(link),
+            Err(e) => {
+                log!("cannot serve the link port: {e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
     tokio::spawn(
         agent
             .clone()

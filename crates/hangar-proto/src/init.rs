@@ -56,6 +56,42 @@ pub struct InitConfig {
     /// with it). `None` where the host kernel enforces them (crun's cgroups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardLimits>,
+    /// Set when `hangar-init` is PID 1 of a microVM (the `vm` driver): what it enforces with
+    /// the guest kernel's own cgroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmGuest>,
+}
+
+/// What the `vm` driver's guest enforces itself (memory and vCPUs are the VM's own).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmGuest {
+    /// `pids.max` of the guest cgroup every process in the VM runs in.
+    pub pids_max: u64,
+}
+
+/// The contract between the `vm` driver and `hangar-init` as PID 1 of a microVM.
+pub mod vm {
+    /// Set on the kernel command line (the kernel hands `NAME=value` words it does not know to
+    /// init's environment): `vm` boots a sandbox, `probe` only proves the guest boots.
+    pub const GUEST_ENV: &str = "HANGAR_GUEST";
+    /// Printed on the serial console by a `probe` boot just before it powers off.
+    pub const PROBE_OK: &str = "hangar-guest: probe ok";
+    /// The virtio-serial port that carries every link (multiplexed, see `hangar-mux`).
+    pub const LINK_PORT: &str = "hangar.link";
+    /// `serial=` of the session volume's virtio-blk device.
+    pub const VOLUME_SERIAL: &str = "hangar-volume";
+    /// `serial=` of the image's read-only virtio-blk device.
+    pub const IMAGE_SERIAL: &str = "hangar-image";
+    /// Where the per-start initramfs archive puts `init.json`.
+    pub const CONFIG_IN_INITRD: &str = "hangar/init.json";
+    /// Where the initramfs keeps the modules to load, and the file naming their order.
+    pub const MODULES_DIR: &str = "lib/modules/hangar";
+    pub const MODULES_ORDER: &str = "lib/modules/hangar/order";
+    /// Mux targets.
+    pub const TARGET_CONTROL: &str = "control";
+    pub const TARGET_AGENT: &str = "agent";
+    pub const TARGET_EGRESS: &str = "egress";
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -19,6 +19,7 @@ mod oci;
 pub mod probe;
 mod reaper;
 mod record;
+pub mod vm;
 mod volume;
 
 pub use driver::{Driver, DriverError, Layout, Recovered, Resumed, Suspended};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hangar_image::{ImageStore, ResolveError};
 use hangar_proto::init::{
-    GuardLimits, InitConfig, ProcessDefaults, ProcessSpec, DEFAULT_AGENT_PORT,
+    GuardLimits, InitConfig, ProcessDefaults, ProcessSpec, VmGuest, DEFAULT_AGENT_PORT,
 };
 use hangar_proto::sandbox::{
     Checkpoint, CheckpointMode, CreateSandbox, DriverKind, ResumeInfo, Sandbox, SandboxState,
@@ -27,6 +27,8 @@ use crate::gvisor::GvisorDriver;
 use crate::link::{ExecStream, InitLink, LinkError};
 use crate::probe::{probe_host, HostProbe};
 use crate::record::{now_rfc3339, Record};
+use crate::vm::qemu::Accel;
+use crate::vm::{VmConfig, VmDriver};
 use crate::volume;
 
 /// How long a sandbox may take from start to a `hangar-init` that answers.
@@ -44,6 +46,10 @@ pub struct Config {
     /// call the API could have a sandbox read the host's own files (`"image": "/"`). OCI layouts
     /// are copied into the store and may come from anywhere.
     pub rootfs_roots: Vec<PathBuf>,
+    /// The `vm` driver's guest kernel, instead of the one the install script fetched.
+    pub vm_kernel: Option<PathBuf>,
+    /// The `vm` driver's accelerator, instead of probing for KVM.
+    pub vm_accel: Option<Accel>,
 }
 
 impl Config {
@@ -133,10 +139,36 @@ impl Sandboxes {
             ImageStore::open(cfg.data_dir.join("images"))
                 .map_err(|e| SandboxError::Internal(error_chain(&e)))?,
         );
-        let probe = tokio::task::spawn_blocking(probe_host)
-            .await
-            .map_err(|e| SandboxError::Internal(e.to_string()))?;
+        let vm_input = (
+            cfg.data_dir.clone(),
+            cfg.vm_kernel.clone(),
+            init_dir.join("hangar-init"),
+            cfg.vm_accel,
+        );
+        let (vm, probe) = tokio::task::spawn_blocking(move || {
+            let (data, kernel, init, force) = vm_input;
+            let vm = crate::vm::probe_vm(&data, kernel.as_deref(), &init, force);
+            let host = probe_host(&vm);
+            (vm, host)
+        })
+        .await
+        .map_err(|e| SandboxError::Internal(e.to_string()))?;
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
+        if vm.available {
+            if let Some(qemu) = crate::vm::qemu::Qemu::find() {
+                drivers.insert(
+                    DriverKind::Vm,
+                    Arc::new(VmDriver::new(
+                        Arc::new(qemu),
+                        VmConfig {
+                            data_dir: cfg.data_dir.clone(),
+                            kernel: cfg.vm_kernel.clone(),
+                            accel: vm.accel,
+                        },
+                    )),
+                );
+            }
+        }
         drivers.insert(DriverKind::Gvisor, Arc::new(GvisorDriver::new()));
         drivers.insert(DriverKind::Container, Arc::new(ContainerDriver::new()));
         let inner = Inner {
@@ -738,6 +770,9 @@ fn init_config(rec: &Record) -> InitConfig {
         },
         guard: (rec.sandbox.driver == DriverKind::Gvisor).then_some(GuardLimits {
             memory_mib: rec.sandbox.resources.memory_mib,
+        }),
+        vm: (rec.sandbox.driver == DriverKind::Vm).then_some(VmGuest {
+            pids_max: rec.sandbox.resources.pids,
         }),
     }
 }

@@ -8,6 +8,8 @@ use hangar_proto::sandbox::DriverKind;
 use serde::Serialize;
 
 use crate::cmd;
+use crate::vm::probe::VmProbe;
+use crate::vm::qemu::Accel;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -65,7 +67,8 @@ fn version(program: &str, arg: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-pub fn probe_host() -> HostProbe {
+/// Probes the host; `vm` is what the `vm` driver's own probe found (see `vm::probe`).
+pub fn probe_host(vm: &VmProbe) -> HostProbe {
     let root = nix::unistd::geteuid().is_root();
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let overlay = filesystems.lines().any(|l| l.ends_with("\toverlay"));
@@ -76,7 +79,6 @@ pub fn probe_host() -> HostProbe {
     let cgroups = v2 || (v1("memory") && v1("pids") && v1("cpu"));
     let runsc = version("runsc", "--version");
     let crun = version("crun", "--version");
-    let kvm = Path::new("/dev/kvm").exists();
     let nft = cmd::which("nft").is_some();
 
     let checks = vec![
@@ -137,14 +139,16 @@ pub fn probe_host() -> HostProbe {
             "apt-get install crun",
         ),
         check(
+            "qemu",
+            vm.available,
+            vm.detail.clone(),
+            vm.fix.as_deref().unwrap_or(""),
+        ),
+        check(
             "kvm",
-            false,
-            if kvm {
-                "/dev/kvm present; the vm driver is not built yet"
-            } else {
-                "/dev/kvm missing; the vm driver is not built yet"
-            },
-            "the vm driver arrives with a later release; use gvisor meanwhile",
+            vm.accel == Accel::Kvm,
+            format!("{}{}", vm.kvm, if vm.cached { " (cached probe result)" } else { "" }),
+            "the vm driver runs on TCG here (slow); on a host with hardware virtualisation (VT-x/AMD-V, or nested virtualisation enabled) it runs on KVM",
         ),
         check(
             "nftables",
@@ -166,12 +170,19 @@ pub fn probe_host() -> HostProbe {
             .join("; ")
     };
     let gvisor_ok = base && runsc.is_some();
+    let vm_ok = root && mkfs && vm.available;
     let container_ok = base && crun.is_some() && cgroups;
     let drivers = vec![
         DriverProbe {
             driver: DriverKind::Vm,
-            available: false,
-            detail: "not built yet (QEMU microVM driver arrives in a later release)".into(),
+            available: vm_ok,
+            detail: if vm_ok {
+                format!("{}; suspend keeps memory and files", vm.detail)
+            } else if !vm.available {
+                vm.detail.clone()
+            } else {
+                base_why()
+            },
         },
         DriverProbe {
             driver: DriverKind::Gvisor,
@@ -198,10 +209,16 @@ pub fn probe_host() -> HostProbe {
             },
         },
     ];
-    let auto = if gvisor_ok {
+    // A VM is the strongest isolation, but under TCG each boot costs seconds: only with KVM
+    // is it the default.
+    let auto = if vm_ok && vm.accel == Accel::Kvm {
+        Some(DriverKind::Vm)
+    } else if gvisor_ok {
         Some(DriverKind::Gvisor)
     } else if container_ok {
         Some(DriverKind::Container)
+    } else if vm_ok {
+        Some(DriverKind::Vm)
     } else {
         None
     };

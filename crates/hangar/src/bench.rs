@@ -40,6 +40,50 @@ pub struct SandboxBench {
     json: bool,
 }
 
+/// The raw VMM baseline of `--driver vm`: QEMU booting the driver's kernel and initramfs to
+/// `/init`, and restoring a snapshot of such a VM, on the accelerator the driver uses.
+struct VmBaseline {
+    data_dir: std::path::PathBuf,
+    kernel: Option<std::path::PathBuf>,
+    init: std::path::PathBuf,
+    accel: hangar_sandbox::vm::qemu::Accel,
+    work: tempfile::TempDir,
+}
+
+impl VmBaseline {
+    fn new() -> anyhow::Result<VmBaseline> {
+        let data_dir = crate::default_data_dir();
+        let init = std::env::var_os("HANGAR_INIT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or(std::env::current_exe()?.with_file_name("hangar-init"));
+        let kernel = std::env::var_os("HANGAR_VM_KERNEL").map(std::path::PathBuf::from);
+        let forced = crate::serve::vm_accel(&std::env::var("HANGAR_VM_ACCEL").unwrap_or_default());
+        let probe = hangar_sandbox::vm::probe_vm(&data_dir, kernel.as_deref(), &init, forced);
+        if !probe.available {
+            bail!("the vm driver is not available: {}", probe.detail);
+        }
+        Ok(VmBaseline {
+            data_dir,
+            kernel,
+            init,
+            accel: probe.accel,
+            work: tempfile::tempdir()?,
+        })
+    }
+
+    fn sample(&self) -> anyhow::Result<hangar_sandbox::vm::baseline::Sample> {
+        hangar_sandbox::vm::baseline::sample(
+            &self.data_dir,
+            self.kernel.as_deref(),
+            &self.init,
+            self.accel,
+            512,
+            self.work.path(),
+        )
+        .map_err(|e| anyhow::anyhow!("raw QEMU baseline: {e}"))
+    }
+}
+
 pub async fn run(url: &str, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Sandbox(b) => sandbox(&Client::new(url)?, b).await,
@@ -160,11 +204,17 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
     let mut exec = Series::new("exec round trip (`true`)");
     let mut suspend = Series::new("suspend");
     let mut resume = Series::new("resume");
-    let mut raw = Series::new(if b.driver == "gvisor" {
-        "raw `runsc run` of true"
-    } else {
-        "raw `crun run` of true"
+    let mut raw = Series::new(match b.driver.as_str() {
+        "gvisor" => "raw `runsc run` of true",
+        "vm" => "raw QEMU boot to /init",
+        _ => "raw `crun run` of true",
     });
+    let mut raw_restore = Series::new("raw QEMU restore");
+    let vm = if b.driver == "vm" {
+        Some(VmBaseline::new()?)
+    } else {
+        None
+    };
 
     eprintln!("bench: {runs} runs on driver {}", b.driver);
     // One sandbox is kept for the exec, suspend and resume series; the others are deleted as
@@ -181,7 +231,14 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
             c.call(Method::DELETE, &format!("/v1/sandboxes/{}", sb.id), None)
                 .await?;
         }
-        raw.samples.push(ms(raw_run(&b.driver, &image, i)?));
+        match &vm {
+            Some(vm) => {
+                let s = tokio::task::block_in_place(|| vm.sample())?;
+                raw.samples.push(ms(s.boot));
+                raw_restore.samples.push(ms(s.restore));
+            }
+            None => raw.samples.push(ms(raw_run(&b.driver, &image, i)?)),
+        }
     }
     let id = ids[0].clone();
     for _ in 0..runs {
@@ -245,7 +302,11 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
     }
 
     let raw_p50 = raw.p(0.5);
-    let series = [&ready, &exec, &suspend, &resume, &raw];
+    let mut series = vec![&ready, &exec, &suspend, &resume, &raw];
+    if vm.is_some() {
+        series.push(&raw_restore);
+    }
+    let resume_vs_raw = vm.as_ref().map(|_| resume.p(0.5) / raw_restore.p(0.5));
     if b.json {
         let rows: Vec<_> = series
             .iter()
@@ -256,11 +317,16 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
             serde_json::to_string_pretty(&json!({
                 "driver": b.driver, "series": rows,
                 "ready_vs_raw_p50": ready.p(0.5) / raw_p50,
+                "resume_vs_raw_restore_p50": resume_vs_raw,
+                "accel": vm.as_ref().map(|v| v.accel.as_str()),
                 "suspended": b.suspended, "suspended_host_bytes": suspended_mem,
             }))?
         );
     } else {
-        println!("driver: {}", b.driver);
+        match &vm {
+            Some(v) => println!("driver: vm ({})", v.accel.as_str()),
+            None => println!("driver: {}", b.driver),
+        }
         println!("{:<28} {:>10} {:>10} {:>5}", "", "p50 ms", "p95 ms", "n");
         for s in series {
             println!(
@@ -275,6 +341,9 @@ async fn sandbox(c: &Client, b: SandboxBench) -> anyhow::Result<ExitCode> {
             "create-to-exec-ready / raw run (p50): {:.2}x",
             ready.p(0.5) / raw_p50
         );
+        if let Some(r) = resume_vs_raw {
+            println!("resume / raw QEMU restore (p50): {r:.2}x");
+        }
         if let Some(m) = suspended_mem {
             println!(
                 "{} suspended sandboxes: no processes, no mounts; host memory in use changed by {:+.1} MiB (caches dropped; the machine's own noise is tens of MiB)",

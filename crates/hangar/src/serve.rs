@@ -30,6 +30,23 @@ pub struct ServeArgs {
     /// used idle session is suspended.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// The guest kernel (bzImage) of the vm driver. Default: the one
+    /// scripts/install-host-deps.sh fetched into /var/lib/hangar/vm/kernels/current.
+    #[arg(long, env = "HANGAR_VM_KERNEL", value_name = "PATH")]
+    vm_kernel: Option<PathBuf>,
+    /// The vm driver's accelerator: `auto` probes KVM once (the result is cached) and falls
+    /// back to TCG.
+    #[arg(long, env = "HANGAR_VM_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    vm_accel: String,
+}
+
+/// `--vm-accel` as the sandbox crate takes it.
+pub fn vm_accel(s: &str) -> Option<hangar_sandbox::vm::qemu::Accel> {
+    match s {
+        "kvm" => Some(hangar_sandbox::vm::qemu::Accel::Kvm),
+        "tcg" => Some(hangar_sandbox::vm::qemu::Accel::Tcg),
+        _ => None,
+    }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -68,6 +85,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         } else {
             args.rootfs_roots
         },
+        vm_kernel: args.vm_kernel,
+        vm_accel: vm_accel(&args.vm_accel),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;

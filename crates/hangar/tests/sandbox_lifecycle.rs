@@ -29,6 +29,14 @@ fn counter_past(s: &Server, id: &str, above: u64) -> Option<u64> {
     None
 }
 
+/// What each driver keeps across suspend.
+fn expected_mode(driver: &str) -> &'static str {
+    match driver {
+        "gvisor" | "vm" => "memory",
+        _ => "filesystem",
+    }
+}
+
 fn lifecycle(driver: &str) {
     let rootfs = Rootfs::busybox();
     let s = Server::start();
@@ -68,14 +76,7 @@ fn lifecycle(driver: &str) {
         let sus = sus.json();
         assert_eq!(sus["state"], "suspended");
         let cp = &sus["checkpoint"];
-        assert_eq!(
-            cp["mode"],
-            if driver == "gvisor" {
-                "memory"
-            } else {
-                "filesystem"
-            }
-        );
+        assert_eq!(cp["mode"], expected_mode(driver));
         assert!(cp["bytes"].as_u64().unwrap() > 0);
         assert!(cp["hash"].as_str().unwrap().starts_with("sha256:"));
         // While suspended nothing of it runs and exec is refused with a clear conflict.
@@ -90,11 +91,7 @@ fn lifecycle(driver: &str) {
         assert_eq!(res.status, 200, "{}", res.text());
         assert_eq!(res.json()["state"], "running");
         let last = res.json()["last_resume"].clone();
-        let expected = if driver == "gvisor" {
-            "memory"
-        } else {
-            "filesystem"
-        };
+        let expected = expected_mode(driver);
         if last["mode"] != expected && attempt < 2 {
             eprintln!(
                 "runsc did not restore this time ({}); trying once more",
@@ -114,7 +111,7 @@ fn lifecycle(driver: &str) {
     assert_eq!(s.sh(&id, "cat /var/lib/app/state"), "written-by-exec\n");
 
     let after = counter(&s, &id);
-    if driver == "gvisor" {
+    if expected_mode(driver) == "memory" {
         // The process survived: it continues from where it was, not from 1.
         assert!(after >= before, "counter went back: {before} -> {after}");
         assert!(
@@ -163,6 +160,12 @@ fn container_lifecycle() {
 fn gvisor_lifecycle() {
     require("runsc", "runsc");
     lifecycle("gvisor");
+}
+
+#[test]
+fn vm_lifecycle() {
+    common::require_vm();
+    lifecycle("vm");
 }
 
 /// The agent process is the image's command (or the sandbox's `command`); when it exits it is

@@ -7,7 +7,13 @@ mod common;
 use common::{require, Rootfs, Server};
 use serde_json::json;
 
-fn limits(driver: &str, cpu_cgroup: impl Fn(&str) -> std::path::PathBuf) {
+/// How a driver's CPU limit shows: a cgroup quota on the host, or the VM's vCPU count.
+enum Cpu {
+    Quota(fn(&str) -> std::path::PathBuf),
+    Vcpus,
+}
+
+fn limits(driver: &str, cpu: Cpu) {
     let rootfs = Rootfs::busybox();
     let s = Server::start();
     let resources = json!({"cpus": 0.5, "memory_mib": 128, "disk_mib": 32, "pids": 32});
@@ -61,9 +67,22 @@ fn limits(driver: &str, cpu_cgroup: impl Fn(&str) -> std::path::PathBuf) {
         "ok\n"
     );
 
-    // CPU: the quota is in the sandbox's cgroup.
-    let quota = std::fs::read_to_string(cpu_cgroup(&a).join("cpu.cfs_quota_us")).unwrap();
-    assert_eq!(quota.trim(), "50000", "cpus 0.5 should be 50 ms per 100 ms");
+    match cpu {
+        // CPU: the quota is in the sandbox's cgroup.
+        Cpu::Quota(cgroup) => {
+            let quota = std::fs::read_to_string(cgroup(&a).join("cpu.cfs_quota_us")).unwrap();
+            assert_eq!(quota.trim(), "50000", "cpus 0.5 should be 50 ms per 100 ms");
+        }
+        // CPU: a VM gets whole vCPUs, at least one.
+        Cpu::Vcpus => {
+            let n = s.sh(&a, "grep -c ^processor /proc/cpuinfo");
+            assert_eq!(n.trim(), "1", "cpus 0.5 should be one vCPU");
+            // And the memory limit is the VM's RAM.
+            let mem = s.sh(&a, "grep MemTotal /proc/meminfo");
+            let kib: u64 = mem.split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!(kib <= 128 * 1024 && kib > 64 * 1024, "{mem}");
+        }
+    }
 
     // The neighbour and the host carried on throughout.
     assert_eq!(s.sh(&b, "echo neighbour"), "neighbour\n");
@@ -75,13 +94,23 @@ fn limits(driver: &str, cpu_cgroup: impl Fn(&str) -> std::path::PathBuf) {
 #[test]
 fn container_limits() {
     require("crun", "crun");
-    limits("container", |id| {
-        format!("/sys/fs/cgroup/cpu/hangar/{id}").into()
-    });
+    limits(
+        "container",
+        Cpu::Quota(|id| format!("/sys/fs/cgroup/cpu/hangar/{id}").into()),
+    );
 }
 
 #[test]
 fn gvisor_limits() {
     require("runsc", "runsc");
-    limits("gvisor", |id| format!("/sys/fs/cgroup/cpu/{id}").into());
+    limits(
+        "gvisor",
+        Cpu::Quota(|id| format!("/sys/fs/cgroup/cpu/{id}").into()),
+    );
+}
+
+#[test]
+fn vm_limits() {
+    common::require_vm();
+    limits("vm", Cpu::Vcpus);
 }

@@ -72,3 +72,9 @@ fn gvisor_restart() {
     require("runsc", "runsc");
     restart("gvisor");
 }
+
+#[test]
+fn vm_restart() {
+    common::require_vm();
+    restart("vm");
+}

@@ -22,6 +22,17 @@ pub fn require(program: &str, package: &str) {
     assert!(found, "this test needs `{program}`: apt-get install {package} (or run scripts/install-host-deps.sh)");
 }
 
+/// The `vm` driver's needs: QEMU, mkfs.erofs and the guest kernel the install script fetches.
+#[allow(dead_code)]
+pub fn require_vm() {
+    require("qemu-system-x86_64", "qemu-system-x86");
+    require("mkfs.erofs", "erofs-utils");
+    assert!(
+        Path::new("/var/lib/hangar/vm/kernels/current/vmlinuz").is_file(),
+        "this test needs the vm driver's guest kernel: run scripts/install-host-deps.sh"
+    );
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -349,6 +360,7 @@ pub fn assert_nothing_left(server: &Server, id: &str) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // No QEMU: its command line names the sandbox (`-name hangar-<id>`), caught below.
     for root in ["/run/hangar-crun", "/run/hangar-runsc"] {
         assert!(
             !Path::new(root).join(id).exists(),

@@ -1,0 +1,429 @@
+//! The `vm` driver: every sandbox in its own microVM (QEMU `microvm`; KVM where it works,
+//! else TCG), with memory snapshots for suspend.
+//!
+//! A VM boots Debian's cloud kernel with an initramfs that Hangar builds once per kernel
+//! ([`initramfs`]): `hangar-init` as `/init` plus the modules it loads. Its disks are the
+//! image, read-only and shared ([`disk`]), and the session volume; `hangar-init` overlays
+//! them in the guest. Its one link to the host is a virtio-serial port multiplexed by
+//! `hangar-mux`; [`bridge`] serves `control.sock`, `agent.sock` and `egress.sock` on the host
+//! over it, so nothing above the driver can tell a VM from a container.
+//!
+//! Guest RAM is a file in the sandbox directory. Suspend syncs the guest, has the VMM save
+//! the device state (kilobytes) and exit; resume starts a VMM on the same RAM file and state,
+//! and every process continues. A suspended VM is files only: no process, no memory.
+//!
+//! The VMM sits behind [`qemu::Vmm`]; QEMU is its only implementation so far.
+
+pub mod baseline;
+pub mod bridge;
+pub mod disk;
+pub mod initramfs;
+pub mod probe;
+pub mod qemu;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hangar_proto::init::vm::{CONFIG_IN_INITRD, IMAGE_SERIAL, LINK_PORT, VOLUME_SERIAL};
+use hangar_proto::sandbox::{CheckpointMode, DriverKind};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{Driver, DriverError, Recovered, Resumed, SandboxSpec, Suspended};
+use crate::link::InitLink;
+use bridge::{Bridge, BridgePaths};
+use initramfs::Kernel;
+use qemu::{Accel, VmSpec, Vmm};
+
+/// Probes the `vm` driver on this host (see [`probe`]), caching the KVM probe host-wide.
+pub fn probe_vm(
+    data_dir: &Path,
+    kernel: Option<&Path>,
+    init_binary: &Path,
+    force: Option<Accel>,
+) -> probe::VmProbe {
+    let cache = if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/cache/hangar/vm-probe.json")
+    } else {
+        data_dir.join("vm").join("probe.json")
+    };
+    probe::probe(&probe::ProbeInput {
+        data_dir,
+        kernel,
+        init_binary,
+        force,
+        cache,
+    })
+}
+
+/// Marks a device-state file as complete (a suspend that died half-way is never restored).
+const COMPLETE: &str = "hangar-complete";
+/// How long the first link connection may take: the whole boot (about 2.5 s under TCG).
+const BOOT_LINK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the `vm` driver is set up.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Hangar's data directory: image disks, initramfs builds, and the default kernel.
+    pub data_dir: PathBuf,
+    /// A guest kernel to use instead of the one the install script fetched.
+    pub kernel: Option<PathBuf>,
+    /// The accelerator, as probed (see [`probe`]).
+    pub accel: Accel,
+}
+
+/// What a VM was booted with, kept next to it: a restore must use exactly the same.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Boot {
+    accel: Accel,
+    cmdline: String,
+    vcpus: u32,
+    memory_mib: u64,
+    kernel: PathBuf,
+    image_disk: PathBuf,
+}
+
+pub struct VmDriver {
+    vmm: Arc<dyn Vmm>,
+    cfg: VmConfig,
+    /// The kernel and its initramfs, resolved on first use.
+    assets: Mutex<Option<(Kernel, PathBuf)>>,
+    bridges: Mutex<HashMap<String, Bridge>>,
+}
+
+impl VmDriver {
+    pub fn new(vmm: Arc<dyn Vmm>, cfg: VmConfig) -> VmDriver {
+        VmDriver {
+            vmm,
+            cfg,
+            assets: Mutex::new(None),
+            bridges: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.cfg.accel
+    }
+
+    fn vm_dir(sb: &SandboxSpec) -> PathBuf {
+        sb.layout.dir.join("vm")
+    }
+
+    /// The kernel and the initramfs for `init_binary`, built once.
+    fn assets(&self, init_binary: &Path) -> Result<(Kernel, PathBuf), DriverError> {
+        let mut assets = self.assets.lock().unwrap_or_else(|e| e.into_inner());
+        // Another Hangar on the same data directory may have replaced the build.
+        if let Some(a) = assets.as_ref().filter(|(_, initrd)| initrd.exists()) {
+            return Ok(a.clone());
+        }
+        let kernel = Kernel::locate(self.cfg.kernel.as_deref(), &self.cfg.data_dir)
+            .map_err(|e| DriverError::Other(crate::error_chain(&e)))?;
+        let initrd = initramfs::build(init_binary, &kernel, &self.cfg.data_dir.join("vm"))
+            .map_err(|e| DriverError::Other(crate::error_chain(&e)))?;
+        *assets = Some((kernel.clone(), initrd.clone()));
+        Ok((kernel, initrd))
+    }
+
+    fn spec(&self, sb: &SandboxSpec, boot: &Boot) -> VmSpec {
+        let vm = Self::vm_dir(sb);
+        VmSpec {
+            name: format!("hangar-{}", sb.layout.id),
+            accel: boot.accel,
+            vcpus: boot.vcpus,
+            memory_mib: boot.memory_mib,
+            kernel: boot.kernel.clone(),
+            initrd: vm.join("initrd"),
+            cmdline: boot.cmdline.clone(),
+            ram: vm.join("ram"),
+            disks: vec![
+                (VOLUME_SERIAL.into(), sb.layout.volume_image(), false),
+                (IMAGE_SERIAL.into(), boot.image_disk.clone(), true),
+            ],
+            ports: vec![(LINK_PORT.into(), vm.join("link.sock"))],
+            qmp: vm.join("qmp.sock"),
+            pidfile: vm.join("qemu.pid"),
+            console: sb.layout.console_log(),
+        }
+    }
+
+    fn boot_file(sb: &SandboxSpec) -> PathBuf {
+        Self::vm_dir(sb).join("boot.json")
+    }
+
+    /// What the VM was booted with; `None` before its first boot.
+    fn booted(&self, sb: &SandboxSpec) -> Option<Boot> {
+        serde_json::from_slice(&std::fs::read(Self::boot_file(sb)).ok()?).ok()
+    }
+
+    /// A spec for stopping whatever runs, even if the boot record is gone.
+    fn any_spec(&self, sb: &SandboxSpec) -> VmSpec {
+        let boot = self.booted(sb).unwrap_or(Boot {
+            accel: self.cfg.accel,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: sb.resources.memory_mib,
+            kernel: PathBuf::new(),
+            image_disk: PathBuf::new(),
+        });
+        self.spec(sb, &boot)
+    }
+
+    fn cold_start(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        let vm = Self::vm_dir(sb);
+        std::fs::create_dir_all(&vm).map_err(DriverError::Rootfs)?;
+        let (kernel, initramfs) = self.assets(&sb.init_dir.join("hangar-init"))?;
+        let image_disk = disk::image_disk(sb.image, &self.cfg.data_dir.join("vm").join("images"))
+            .map_err(|e| DriverError::Other(crate::error_chain(&e)))?;
+        let boot = Boot {
+            accel: self.cfg.accel,
+            cmdline: cmdline(self.cfg.accel, "vm"),
+            vcpus: (sb.resources.cpus.ceil() as u32).max(1),
+            memory_mib: sb.resources.memory_mib,
+            kernel: kernel.vmlinuz.clone(),
+            image_disk,
+        };
+        // This boot's initramfs: Hangar's, with init.json appended as a second archive (the
+        // kernel unpacks both). Never on the command line, which the agent can read.
+        let config = serde_json::to_vec(sb.init).expect("init config serialises");
+        let extra = initramfs::config_archive(&[(CONFIG_IN_INITRD, &config, 0o600)]);
+        let initrd = vm.join("initrd");
+        write_private_copy(&initramfs, &extra, &initrd).map_err(DriverError::Rootfs)?;
+        // A cold start begins with fresh memory.
+        let _ = std::fs::remove_file(vm.join("ram"));
+        let _ = std::fs::remove_dir_all(sb.layout.checkpoint());
+        std::fs::write(
+            Self::boot_file(sb),
+            serde_json::to_vec(&boot).expect("boot record serialises"),
+        )
+        .map_err(DriverError::Rootfs)?;
+        let spec = self.spec(sb, &boot);
+        self.vmm
+            .launch(&spec)
+            .map_err(|e| DriverError::Other(boot_failure(&e, &spec.console)))?;
+        self.start_bridge(sb, &spec, BOOT_LINK_TIMEOUT);
+        Ok(())
+    }
+
+    fn start_bridge(&self, sb: &SandboxSpec, spec: &VmSpec, timeout: Duration) {
+        let vmm = self.vmm.clone();
+        let probe_spec = spec.clone();
+        let bridge = Bridge::start(
+            &tokio::runtime::Handle::current(),
+            BridgePaths {
+                port: spec.ports[0].1.clone(),
+                control: sb.layout.control_socket(),
+                agent: sb.layout.agent_socket(),
+                egress: sb.layout.egress_socket(),
+            },
+            timeout,
+            Arc::new(move || vmm.pid(&probe_spec).is_some()),
+        );
+        self.bridges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sb.layout.id.clone(), bridge);
+    }
+
+    fn stop_bridge(&self, sb: &SandboxSpec) {
+        let bridge = self
+            .bridges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&sb.layout.id);
+        drop(bridge);
+    }
+
+    fn restore(&self, sb: &SandboxSpec, boot: &Boot) -> Result<(), DriverError> {
+        let spec = self.spec(sb, boot);
+        let state = sb.layout.checkpoint().join("state");
+        self.vmm
+            .restore(&spec, &state)
+            .map_err(|e| DriverError::Other(crate::error_chain(&e)))?;
+        self.start_bridge(sb, &spec, Duration::from_secs(10));
+        Ok(())
+    }
+}
+
+/// The guest kernel's command line. `HANGAR_GUEST` is not a kernel parameter, so the kernel
+/// hands it to `/init`'s environment.
+///
+/// Under TCG the kernel calibrates its TSC against the PIT, which fails when the host is busy
+/// ("Unable to calibrate against PIT"); the guest then waits for a timer tick that never
+/// comes and hangs at boot. The guest's TSC is the host's (TCG reads the host counter), so
+/// its frequency is measured on the host and handed over (`tsc_early_khz`), and the clocksource
+/// watchdog, which has no reference clock on `microvm`, is told to trust it.
+pub fn cmdline(accel: Accel, guest: &str) -> String {
+    let mut c = String::from("console=ttyS0 quiet panic=-1 random.trust_cpu=on");
+    if accel == Accel::Tcg {
+        if let Some(khz) = host_tsc_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        }
+    }
+    c.push_str(&format!(" HANGAR_GUEST={guest}"));
+    c
+}
+
+/// The host's TSC frequency in kHz, measured once against the monotonic clock (rounded to
+/// 1 MHz so that the command line does not vary between measurements).
+fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut samples: Vec<u64> = (0..3)
+                .map(|_| {
+                    let t0 = std::time::Instant::now();
+                    // SAFETY: RDTSC has no preconditions on x86_64.
+                    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+                    std::thread::sleep(Duration::from_millis(20));
+                    // SAFETY: as above.
+                    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    c1.wrapping_sub(c0).saturating_mul(1_000_000) / ns.max(1)
+                })
+                .collect();
+            samples.sort_unstable();
+            Some((samples[1] + 500) / 1000 * 1000).filter(|&k| k > 0)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// A VMM that would not start, with what the guest printed (it may have got that far).
+fn boot_failure(e: &qemu::VmmError, console: &Path) -> String {
+    let tail = tail(console, 15);
+    if tail.is_empty() {
+        format!("the VM did not start: {}", crate::error_chain(e))
+    } else {
+        format!(
+            "the VM did not start: {}; serial console:\n{tail}",
+            crate::error_chain(e)
+        )
+    }
+}
+
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Writes `base` followed by `extra` to `dest`, readable by the owner only.
+fn write_private_copy(base: &Path, extra: &[u8], dest: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(dest);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)?;
+    std::io::copy(&mut std::fs::File::open(base)?, &mut out)?;
+    out.write_all(extra)
+}
+
+impl Driver for VmDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Vm
+    }
+
+    fn start(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        self.cold_start(sb)
+    }
+
+    fn suspend(&self, sb: &SandboxSpec, link: &InitLink) -> Result<Suspended, DriverError> {
+        let t0 = std::time::Instant::now();
+        let boot = self
+            .booted(sb)
+            .ok_or_else(|| DriverError::Other("the VM has no boot record".into()))?;
+        let spec = self.spec(sb, &boot);
+        // The guest flushes its files to the volume; its sockets stay as they are.
+        tokio::runtime::Handle::current()
+            .block_on(link.suspend())
+            .map_err(|e| DriverError::Link(e.to_string()))?;
+        let synced = t0.elapsed();
+        self.stop_bridge(sb);
+        let dir = sb.layout.checkpoint();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(DriverError::Rootfs)?;
+        if let Err(e) = self.vmm.snapshot(&spec, &dir.join("state")) {
+            let _ = std::fs::remove_dir_all(&dir);
+            if self.vmm.pid(&spec).is_some() {
+                // Still running (the snapshot was refused): it stays as it was.
+                self.start_bridge(sb, &spec, Duration::from_secs(10));
+            }
+            return Err(DriverError::Checkpoint(crate::cmd::CmdError::Failed {
+                program: self.vmm.name().into(),
+                status: "snapshot failed".into(),
+                stderr: crate::error_chain(&e),
+            }));
+        }
+        std::fs::write(dir.join(COMPLETE), b"").map_err(DriverError::Rootfs)?;
+        tracing::debug!(sandbox = %sb.layout.id, ?synced, total = ?t0.elapsed(), "vm suspend");
+        Ok(Suspended {
+            mode: CheckpointMode::Memory,
+            note: None,
+        })
+    }
+
+    fn resume(&self, sb: &SandboxSpec) -> Result<Resumed, DriverError> {
+        let dir = sb.layout.checkpoint();
+        let boot = self.booted(sb);
+        let ram = Self::vm_dir(sb).join("ram");
+        let (Some(boot), true, true) = (boot, dir.join(COMPLETE).exists(), ram.exists()) else {
+            self.cold_start(sb)?;
+            return Ok(Resumed::Filesystem { note: None });
+        };
+        match self.restore(sb, &boot) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(Resumed::Memory)
+            }
+            Err(e) => {
+                let note = format!(
+                    "the memory snapshot could not be restored ({e}); restarted on its files"
+                );
+                tracing::warn!(sandbox = %sb.layout.id, error = %e, "restore failed; booting afresh on the files");
+                self.vmm.kill(&self.spec(sb, &boot));
+                let kept = sb.layout.dir.join("checkpoint.failed");
+                let _ = std::fs::remove_dir_all(&kept);
+                let _ = std::fs::rename(&dir, &kept);
+                self.cold_start(sb)?;
+                Ok(Resumed::Filesystem { note: Some(note) })
+            }
+        }
+    }
+
+    fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
+        self.stop_bridge(sb);
+        self.vmm.kill(&self.any_spec(sb));
+        Ok(())
+    }
+
+    fn alive(&self, sb: &SandboxSpec) -> bool {
+        self.vmm.pid(&self.any_spec(sb)).is_some()
+    }
+
+    fn recover(&self, sb: &SandboxSpec) -> Result<Recovered, DriverError> {
+        if let Some(boot) = self.booted(sb) {
+            let spec = self.spec(sb, &boot);
+            if self.vmm.pid(&spec).is_some() {
+                self.start_bridge(sb, &spec, Duration::from_secs(10));
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    if sb.layout.control_socket().exists() {
+                        return Ok(Recovered::Adopted);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                tracing::warn!(sandbox = %sb.layout.id, "the running VM does not answer; restarting it");
+            }
+        }
+        self.destroy(sb)?;
+        Ok(Recovered::Stopped)
+    }
+}

@@ -1,0 +1,442 @@
+//! The VMM behind the `vm` driver, and its one implementation so far: QEMU's `microvm` machine.
+//!
+//! [`Vmm`] is the whole surface the driver uses — launch, snapshot, restore, stop — so that
+//! Firecracker or Cloud Hypervisor can be added next to [`Qemu`] without touching the driver.
+//! Every VM is described by one [`VmSpec`], and QEMU's command line is built from it by one
+//! function for both a cold boot and a restore: a restore must see exactly the devices the
+//! snapshot was taken with.
+//!
+//! Memory snapshots keep guest RAM in a file (`memory-backend-file`, `share=on`) and migrate
+//! only the device state (`x-ignore-shared`), so suspend writes kilobytes and resume maps the
+//! same file again: the guest's processes continue where they stopped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::cmd::{self, CmdError};
+
+/// How a VM's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's binary translator: correct everywhere, many times slower.
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything that defines one VM. Paths must be absolute (a daemonised QEMU runs in `/`).
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// A name for process listings and the pid check (`hangar-<sandbox id>`).
+    pub name: String,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Guest RAM; kept across suspend.
+    pub ram: PathBuf,
+    /// `(serial, image file, read-only)` per virtio disk.
+    pub disks: Vec<(String, PathBuf, bool)>,
+    /// `(port name, unix socket QEMU listens on)` per virtio-serial port.
+    pub ports: Vec<(String, PathBuf)>,
+    pub qmp: PathBuf,
+    pub pidfile: PathBuf,
+    /// The serial console, appended to across boots and restores.
+    pub console: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("starting the VMM")]
+    Launch(#[source] CmdError),
+    #[error("talking to the VMM's control socket {path}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM refused {command}: {message}")]
+    Refused { command: String, message: String },
+    #[error("{0}")]
+    Snapshot(String),
+}
+
+/// A virtual machine monitor: how VMs are started, snapshotted, restored and stopped.
+pub trait Vmm: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The VMM's version, for `hangar doctor` and for keying cached probe results.
+    fn version(&self) -> Option<String>;
+    /// Boots `vm`; returns once the VMM runs detached (the guest is still booting).
+    fn launch(&self, vm: &VmSpec) -> Result<(), VmmError>;
+    /// Pauses `vm`, writes its device state to `state` (RAM stays in [`VmSpec::ram`]) and ends
+    /// the VMM. The guest must have flushed what it needs on disk.
+    fn snapshot(&self, vm: &VmSpec, state: &Path) -> Result<(), VmmError>;
+    /// Starts a VMM on the same spec from `state` and the RAM file, and lets the guest continue.
+    fn restore(&self, vm: &VmSpec, state: &Path) -> Result<(), VmmError>;
+    /// The VMM's pid, if it runs.
+    fn pid(&self, vm: &VmSpec) -> Option<i32>;
+    /// Ends the VMM at once and waits until it is gone. Idempotent.
+    fn kill(&self, vm: &VmSpec);
+}
+
+pub struct Qemu {
+    binary: PathBuf,
+}
+
+impl Qemu {
+    pub fn new(binary: PathBuf) -> Qemu {
+        Qemu { binary }
+    }
+
+    /// `qemu-system-x86_64` on `PATH`, if installed.
+    pub fn find() -> Option<Qemu> {
+        cmd::which("qemu-system-x86_64").map(Qemu::new)
+    }
+
+    /// The command line for `vm`; `incoming` waits for a snapshot instead of booting.
+    pub fn command(&self, vm: &VmSpec, incoming: bool) -> Command {
+        let mut c = Command::new(&self.binary);
+        let p = |p: &Path| p.to_string_lossy().replace(',', ",,");
+        c.args(["-name", &vm.name]);
+        c.args(["-M", "microvm,memory-backend=mem"]);
+        match vm.accel {
+            Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
+        };
+        c.args(["-smp", &vm.vcpus.to_string()]);
+        c.args(["-m", &format!("{}M", vm.memory_mib)]);
+        c.arg("-object").arg(format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+            vm.memory_mib,
+            p(&vm.ram)
+        ));
+        c.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        c.arg("-chardev")
+            .arg(format!("file,id=console,path={},append=on", p(&vm.console)));
+        c.args(["-serial", "chardev:console"]);
+        c.arg("-kernel").arg(&vm.kernel);
+        c.arg("-initrd").arg(&vm.initrd);
+        c.arg("-append").arg(&vm.cmdline);
+        for (i, (serial, file, readonly)) in vm.disks.iter().enumerate() {
+            c.arg("-drive").arg(format!(
+                "id=disk{i},file={},format=raw,if=none,readonly={}",
+                p(file),
+                if *readonly { "on" } else { "off" }
+            ));
+            c.arg("-device")
+                .arg(format!("virtio-blk-device,drive=disk{i},serial={serial}"));
+        }
+        if !vm.ports.is_empty() {
+            c.args(["-device", "virtio-serial-device"]);
+        }
+        for (i, (name, sock)) in vm.ports.iter().enumerate() {
+            c.arg("-chardev").arg(format!(
+                "socket,id=port{i},path={},server=on,wait=off",
+                p(sock)
+            ));
+            c.arg("-device")
+                .arg(format!("virtserialport,chardev=port{i},name={name}"));
+        }
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", p(&vm.qmp)));
+        c.arg("-pidfile").arg(&vm.pidfile);
+        c.arg("-daemonize");
+        if incoming {
+            c.args(["-incoming", "defer"]);
+        }
+        c
+    }
+
+    fn start(&self, vm: &VmSpec, incoming: bool) -> Result<(), VmmError> {
+        // Sockets of a previous run would make QEMU fail to bind.
+        for (_, sock) in &vm.ports {
+            let _ = std::fs::remove_file(sock);
+        }
+        let _ = std::fs::remove_file(&vm.qmp);
+        let _ = std::fs::remove_file(&vm.pidfile);
+        // With -daemonize the foreground process exits once the VM runs (sockets bound), or
+        // with the error that kept it from starting.
+        cmd::run(&mut self.command(vm, incoming)).map_err(VmmError::Launch)?;
+        Ok(())
+    }
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn version(&self) -> Option<String> {
+        let out = cmd::run(Command::new(&self.binary).arg("--version")).ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .map(str::to_owned)
+    }
+
+    fn launch(&self, vm: &VmSpec) -> Result<(), VmmError> {
+        self.start(vm, false)
+    }
+
+    fn snapshot(&self, vm: &VmSpec, state: &Path) -> Result<(), VmmError> {
+        let mut qmp = Qmp::connect(&vm.qmp)?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        )?;
+        qmp.execute("stop", json!({}))?;
+        qmp.execute("migrate", json!({ "uri": exec_uri("cat > ", state)? }))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = qmp.execute("query-migrate", json!({}))?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    let why = r
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    // The guest is paused, not lost: let it run again.
+                    let _ = qmp.execute("cont", json!({}));
+                    return Err(VmmError::Snapshot(format!(
+                        "saving the device state failed: {why}"
+                    )));
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = qmp.execute("migrate_cancel", json!({}));
+                    let _ = qmp.execute("cont", json!({}));
+                    return Err(VmmError::Snapshot(
+                        "saving the device state took over 60 s".into(),
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        let pid = self.pid(vm);
+        // QEMU answers `quit` and closes the socket as it exits.
+        let _ = qmp.execute("quit", json!({}));
+        if let Some(pid) = pid {
+            if !wait_gone(pid, Duration::from_secs(10)) {
+                self.kill(vm);
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&self, vm: &VmSpec, state: &Path) -> Result<(), VmmError> {
+        self.start(vm, true)?;
+        let result = (|| {
+            let mut qmp = Qmp::connect(&vm.qmp)?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            )?;
+            qmp.execute(
+                "migrate-incoming",
+                json!({ "uri": exec_uri("cat ", state)? }),
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = qmp.execute("query-status", json!({}))?;
+                match r.get("status").and_then(Value::as_str) {
+                    Some("inmigrate") if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Some("inmigrate") => {
+                        return Err(VmmError::Snapshot(
+                            "loading the device state took over 60 s".into(),
+                        ))
+                    }
+                    _ => break,
+                }
+            }
+            qmp.execute("cont", json!({}))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            self.kill(vm);
+        }
+        result
+    }
+
+    fn pid(&self, vm: &VmSpec) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(&vm.pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        // The pid file outlives the process; make sure the pid is still this VM's QEMU (and
+        // not a zombie waiting for the reaper).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == vm.name.as_bytes());
+        (ours && !is_zombie(pid)).then_some(pid)
+    }
+
+    fn kill(&self, vm: &VmSpec) {
+        if let Some(pid) = self.pid(vm) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_gone(pid, Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_file(&vm.pidfile);
+        let _ = std::fs::remove_file(&vm.qmp);
+        for (_, sock) in &vm.ports {
+            let _ = std::fs::remove_file(sock);
+        }
+    }
+}
+
+/// `exec:` migration URI running `prefix` + the quoted path through QEMU's `/bin/sh -c`.
+fn exec_uri(prefix: &str, path: &Path) -> Result<String, VmmError> {
+    let s = path.to_string_lossy();
+    if s.contains('\'') {
+        return Err(VmmError::Snapshot(format!(
+            "the snapshot path {s} contains a quote"
+        )));
+    }
+    Ok(format!("exec:{prefix}'{s}'"))
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(true)
+}
+
+/// Waits until `pid` is gone or a zombie (the reaper collects it); false on timeout.
+fn wait_gone(pid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// A QMP connection: one JSON object per line each way, asynchronous events interleaved.
+struct Qmp {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects (waiting briefly for the socket, which QEMU binds as it starts) and leaves
+    /// capabilities negotiation mode.
+    fn connect(path: &Path) -> Result<Qmp, VmmError> {
+        let io = |source| VmmError::Control {
+            path: path.to_owned(),
+            source,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(io(e)),
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        let mut qmp = Qmp {
+            path: path.to_owned(),
+            reader: BufReader::new(stream),
+            writer,
+        };
+        qmp.read()?; // the greeting
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| VmmError::Control {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(VmmError::Control {
+                path: self.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the VMM closed its control socket",
+                ),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| VmmError::Control {
+            path: self.path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
+    /// Runs `command` and returns its `return` value, skipping events.
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, VmmError> {
+        let mut msg = json!({ "execute": command });
+        if arguments.as_object().is_some_and(|a| !a.is_empty()) {
+            msg["arguments"] = arguments;
+        }
+        let mut bytes = serde_json::to_vec(&msg).expect("json serialises");
+        bytes.push(b'\n');
+        self.writer
+            .write_all(&bytes)
+            .map_err(|source| VmmError::Control {
+                path: self.path.clone(),
+                source,
+            })?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(VmmError::Refused {
+                    command: command.to_owned(),
+                    message: e
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown error")
+                        .to_owned(),
+                });
+            }
+            // An event ({"event": ...}): not the answer.
+        }
+    }
+}
