@@ -181,6 +181,12 @@ pub trait Driver: Send + Sync {
     /// Files under the layout are left for the caller to remove.
     fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError>;
 
+    /// Files besides the volume and the checkpoint directory that a suspended sandbox keeps
+    /// (a VM's RAM file), so that the checkpoint's size and hash cover them.
+    fn kept_files(&self, _sb: &SandboxSpec) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
     /// Whether the sandbox's runtime still runs (used to fail fast when it dies while starting).
     fn alive(&self, sb: &SandboxSpec) -> bool;
 

@@ -578,9 +578,10 @@ impl Sandboxes {
         };
         self.stop_egress(&entry, id);
         let layout = self.layout(id);
+        let files = self.drive(&rec, |d, sb| d.kept_files(sb)).await?;
         // The sandbox is stopped whatever happens now; a checkpoint that cannot be hashed is
         // still the sandbox's state, so it is recorded as suspended either way.
-        let digest = tokio::task::spawn_blocking(move || checkpoint_digest(&layout)).await;
+        let digest = tokio::task::spawn_blocking(move || checkpoint_digest(&layout, &files)).await;
         let (bytes, hash) = match digest {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -777,12 +778,16 @@ fn init_config(rec: &Record) -> InitConfig {
     }
 }
 
-/// Bytes on disk and a content hash of what a suspended sandbox keeps: its volume and, for
-/// memory checkpoints, the checkpoint image.
-fn checkpoint_digest(layout: &Layout) -> std::io::Result<(u64, String)> {
+/// Bytes on disk and a content hash of what a suspended sandbox keeps: its volume, the files
+/// the driver keeps besides (a VM's RAM), and, for memory checkpoints, the checkpoint image.
+/// Sparse files are hashed over their data extents only.
+fn checkpoint_digest(layout: &Layout, kept: &[PathBuf]) -> std::io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
-    let mut bytes = volume::allocated_bytes(&layout.volume_image());
-    volume::hash_sparse(&layout.volume_image(), &mut hasher)?;
+    let mut bytes = 0;
+    for file in std::iter::once(&layout.volume_image()).chain(kept) {
+        bytes += volume::allocated_bytes(file);
+        volume::hash_sparse(file, &mut hasher)?;
+    }
     if let Ok(dir) = std::fs::read_dir(layout.checkpoint()) {
         let mut files: Vec<PathBuf> = dir
             .flatten()

@@ -404,6 +404,10 @@ impl Driver for VmDriver {
         Ok(())
     }
 
+    fn kept_files(&self, sb: &SandboxSpec) -> Vec<PathBuf> {
+        vec![Self::vm_dir(sb).join("ram")]
+    }
+
     fn alive(&self, sb: &SandboxSpec) -> bool {
         self.vmm.pid(&self.any_spec(sb)).is_some()
     }

@@ -208,7 +208,14 @@ impl Vmm for Qemu {
             json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
         )?;
         qmp.execute("stop", json!({}))?;
-        qmp.execute("migrate", json!({ "uri": exec_uri("cat > ", state)? }))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(state)
+            .map_err(|e| VmmError::Snapshot(format!("creating {}: {e}", state.display())))?;
+        qmp.pass_fd(MIGRATION_FD, &file)?;
+        qmp.execute("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") }))?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let r = qmp.execute("query-migrate", json!({}))?;
@@ -254,9 +261,12 @@ impl Vmm for Qemu {
                 "migrate-set-capabilities",
                 json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
             )?;
+            let file = std::fs::File::open(state)
+                .map_err(|e| VmmError::Snapshot(format!("opening {}: {e}", state.display())))?;
+            qmp.pass_fd(MIGRATION_FD, &file)?;
             qmp.execute(
                 "migrate-incoming",
-                json!({ "uri": exec_uri("cat ", state)? }),
+                json!({ "uri": format!("fd:{MIGRATION_FD}") }),
             )?;
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -313,17 +323,6 @@ impl Vmm for Qemu {
     }
 }
 
-/// `exec:` migration URI running `prefix` + the quoted path through QEMU's `/bin/sh -c`.
-fn exec_uri(prefix: &str, path: &Path) -> Result<String, VmmError> {
-    let s = path.to_string_lossy();
-    if s.contains('\'') {
-        return Err(VmmError::Snapshot(format!(
-            "the snapshot path {s} contains a quote"
-        )));
-    }
-    Ok(format!("exec:{prefix}'{s}'"))
-}
-
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -345,6 +344,9 @@ fn wait_gone(pid: i32, limit: Duration) -> bool {
     }
     false
 }
+
+/// The name under which a snapshot's file descriptor is handed to QEMU.
+const MIGRATION_FD: &str = "hangar-migration";
 
 /// A QMP connection: one JSON object per line each way, asynchronous events interleaved.
 struct Qmp {
@@ -407,6 +409,32 @@ impl Qmp {
         })
     }
 
+    /// Hands `file` to QEMU under `name` (`getfd`, with the descriptor attached to the message).
+    fn pass_fd(&mut self, name: &str, file: &std::fs::File) -> Result<(), VmmError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut bytes = serde_json::to_vec(&json!({
+            "execute": "getfd",
+            "arguments": { "fdname": name },
+        }))
+        .expect("json serialises");
+        bytes.push(b'\n');
+        let fds = [file.as_raw_fd()];
+        sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &[std::io::IoSlice::new(&bytes)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| VmmError::Control {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        self.answer("getfd")?;
+        Ok(())
+    }
+
     /// Runs `command` and returns its `return` value, skipping events.
     fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, VmmError> {
         let mut msg = json!({ "execute": command });
@@ -421,6 +449,11 @@ impl Qmp {
                 path: self.path.clone(),
                 source,
             })?;
+        self.answer(command)
+    }
+
+    /// Reads up to the answer of `command`, skipping events.
+    fn answer(&mut self, command: &str) -> Result<Value, VmmError> {
         loop {
             let v = self.read()?;
             if let Some(r) = v.get("return") {
