@@ -566,6 +566,44 @@ fn container_sessions_resume_with_files_after_idle() {
     assert_eq!(probe(&r)["count"], 2);
 }
 
+/// On the vm driver a session scales to zero with a memory snapshot: the agent process that
+/// answers after the resume is the same one (same pid), a listening socket and all.
+#[test]
+fn vm_sessions_resume_with_the_agent_process_running() {
+    common::require_vm();
+    let server = Server::start();
+    debian_base(&server, &BASE_PACKAGES);
+    let dir = agent_dir("probe", &probe_yaml("isolation: vm\nidle_timeout: 2s\n"));
+    deploy(&server, dir.path(), &[]);
+    let r = respond(&server, "probe", "alice", &json!({"input": "one"}));
+    let s = session_of(&r);
+    let first = probe(&r);
+    let v = wait_state(&server, &s, "suspended", 60);
+    assert_eq!(v["checkpoint"]["mode"], "memory", "{v}");
+    let r = respond(
+        &server,
+        "probe",
+        "alice",
+        &json!({"input": "two", "agent_session_id": s}),
+    );
+    assert_eq!(session_of(&r), s);
+    let p = probe(&r);
+    assert_eq!(p["count"], 2, "the workspace survived");
+    assert_eq!(p["pid"], first["pid"], "the agent process survived");
+    let v = server
+        .call("GET", &format!("/v1/sessions/{s}"), None)
+        .json();
+    assert_eq!(v["state"], "idle", "{v}");
+    let sb = server
+        .call(
+            "GET",
+            &format!("/v1/sandboxes/{}", v["sandbox"].as_str().unwrap()),
+            None,
+        )
+        .json();
+    assert_eq!(sb["last_resume"]["mode"], "memory", "{sb}");
+}
+
 #[test]
 fn traffic_split_assigns_new_sessions_by_weight_and_keeps_them() {
     // A small node cap: sessions beyond it are suspended least-recently-used first.

@@ -83,8 +83,12 @@ async fn run(
         } else {
             Duration::from_secs(5)
         };
+        let t0 = std::time::Instant::now();
         let link = match HostLink::connect(&paths.port, options(timeout)).await {
-            Ok(l) => Arc::new(l),
+            Ok(l) => {
+                tracing::debug!(port = %paths.port.display(), took = ?t0.elapsed(), "VM link up");
+                Arc::new(l)
+            }
             Err(e) => {
                 if !alive() {
                     tracing::debug!(port = %paths.port.display(), "the VM is gone; bridge stops");

@@ -378,8 +378,10 @@ impl Driver for VmDriver {
             self.cold_start(sb)?;
             return Ok(Resumed::Filesystem { note: None });
         };
+        let t0 = std::time::Instant::now();
         match self.restore(sb, &boot) {
             Ok(()) => {
+                tracing::debug!(sandbox = %sb.layout.id, took = ?t0.elapsed(), "vm restored");
                 let _ = std::fs::remove_dir_all(&dir);
                 Ok(Resumed::Memory)
             }
