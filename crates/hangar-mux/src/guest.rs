@@ -23,7 +23,7 @@ use crate::link::{Core, Incoming, Outbox, Side};
 use crate::MuxStream;
 
 /// How long to wait before reading again while no host is connected.
-const RETRY: Duration = Duration::from_millis(20);
+const RETRY: Duration = Duration::from_millis(5);
 const READ_CHUNK: usize = 64 * 1024;
 
 /// The guest's end of the link port. Both methods block; they are called from two threads

@@ -21,7 +21,7 @@ use crate::link::{Core, Incoming, Outbox, Side};
 use crate::MuxStream;
 
 /// How often the host re-sends HELLO until the guest answers.
-const HELLO_INTERVAL: Duration = Duration::from_millis(100);
+const HELLO_INTERVAL: Duration = Duration::from_millis(20);
 /// How often `connect` retries while QEMU's socket is missing or refuses.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
 /// Zero bytes sent before the first HELLO. A guest still in step with an old connection may
