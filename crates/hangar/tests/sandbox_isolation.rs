@@ -206,3 +206,11 @@ fn gvisor_isolation() {
     require("runsc", "runsc");
     isolation("gvisor");
 }
+
+/// A microVM has no network device at all; its link port opens nothing on the host but the
+/// sandbox's own egress proxy.
+#[test]
+fn vm_isolation() {
+    common::require_vm();
+    isolation("vm");
+}

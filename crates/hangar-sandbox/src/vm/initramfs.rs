@@ -29,6 +29,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtio_console",
+    // Free page reporting: the guest hands back memory it frees, so that its RAM file (the
+    // memory snapshot) holds only what is in use.
+    "virtio_balloon",
     "overlay",
     "libcrc32c",
     "erofs",
@@ -1061,7 +1064,11 @@ mod tests {
                 ("drivers/char/virtio_console.ko", "virtio,virtio_ring", ""),
                 ("fs/erofs/erofs.ko", "libcrc32c", ""),
             ],
-            &["fs/overlayfs/overlay", "lib/libcrc32c"],
+            &[
+                "fs/overlayfs/overlay",
+                "lib/libcrc32c",
+                "drivers/virtio/virtio_balloon",
+            ],
         );
         let dir = tempfile::tempdir().unwrap();
         let init = dir.path().join("hangar-init");
@@ -1156,6 +1163,7 @@ mod tests {
                 "fs/overlayfs/overlay",
                 "lib/libcrc32c",
                 "fs/erofs/erofs",
+                "drivers/virtio/virtio_balloon",
             ],
         );
         let dir = tempfile::tempdir().unwrap();
@@ -1214,6 +1222,7 @@ mod tests {
                 "virtio_mmio",
                 "virtio_blk",
                 "virtio_console",
+                "virtio_balloon",
                 "overlay",
                 "libcrc32c",
                 "erofs"
@@ -1240,9 +1249,10 @@ mod tests {
                 "03-virtio_mmio.ko",
                 "04-virtio_blk.ko",
                 "05-virtio_console.ko",
-                "06-overlay.ko",
-                "07-libcrc32c.ko",
-                "08-erofs.ko"
+                "06-virtio_balloon.ko",
+                "07-overlay.ko",
+                "08-libcrc32c.ko",
+                "09-erofs.ko"
             ]
         );
     }

@@ -149,6 +149,9 @@ impl Qemu {
             c.arg("-device")
                 .arg(format!("virtio-blk-device,drive=disk{i},serial={serial}"));
         }
+        // Pages the guest frees are handed back (punched out of the RAM file), so a memory
+        // snapshot is what the guest uses, not everything it ever touched.
+        c.args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
         if !vm.ports.is_empty() {
             c.args(["-device", "virtio-serial-device"]);
         }
