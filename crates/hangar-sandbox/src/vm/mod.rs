@@ -90,6 +90,9 @@ pub struct VmDriver {
     /// The kernel and its initramfs, resolved on first use.
     assets: Mutex<Option<(Kernel, PathBuf)>>,
     bridges: Mutex<HashMap<String, Bridge>>,
+    /// One lock per image whose disk is being built, so that sessions of a new image starting
+    /// together build it once.
+    building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl VmDriver {
@@ -99,6 +102,7 @@ impl VmDriver {
             cfg,
             assets: Mutex::new(None),
             bridges: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashMap::new()),
         }
     }
 
@@ -123,6 +127,24 @@ impl VmDriver {
             .map_err(|e| DriverError::Other(crate::error_chain(&e)))?;
         *assets = Some((kernel.clone(), initrd.clone()));
         Ok((kernel, initrd))
+    }
+
+    fn image_disk(&self, image: &hangar_image::Image) -> Result<PathBuf, DriverError> {
+        let lock = self
+            .building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(image.id.clone())
+            .or_default()
+            .clone();
+        let _building = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let disk = disk::image_disk(image, &self.cfg.data_dir.join("vm").join("images"))
+            .map_err(|e| DriverError::Other(crate::error_chain(&e)));
+        self.building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&image.id);
+        disk
     }
 
     fn spec(&self, sb: &SandboxSpec, boot: &Boot) -> VmSpec {
@@ -173,8 +195,7 @@ impl VmDriver {
         let vm = Self::vm_dir(sb);
         std::fs::create_dir_all(&vm).map_err(DriverError::Rootfs)?;
         let (kernel, initramfs) = self.assets(&sb.init_dir.join("hangar-init"))?;
-        let image_disk = disk::image_disk(sb.image, &self.cfg.data_dir.join("vm").join("images"))
-            .map_err(|e| DriverError::Other(crate::error_chain(&e)))?;
+        let image_disk = self.image_disk(sb.image)?;
         let boot = Boot {
             accel: self.cfg.accel,
             cmdline: cmdline(self.cfg.accel, "vm"),

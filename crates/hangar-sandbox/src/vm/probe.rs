@@ -80,13 +80,12 @@ pub fn probe(input: &ProbeInput) -> VmProbe {
     VmProbe {
         available: true,
         detail: format!(
-            "QEMU microvm on {} ({version}; kernel {}){}",
+            "QEMU microvm on {} ({version}; kernel {})",
             match accel {
                 Accel::Kvm => "KVM",
                 Accel::Tcg => "TCG, no hardware virtualisation: correct but slow",
             },
             kernel.release,
-            ""
         ),
         fix: None,
         accel,
@@ -180,7 +179,16 @@ fn boot_probe(qemu: &Qemu, kernel: &Kernel, input: &ProbeInput) -> Result<Durati
     };
     let t0 = Instant::now();
     let result = (|| {
-        qemu.launch(&spec).map_err(|e| crate::error_chain(&e))?;
+        qemu.launch(&spec).map_err(|e| match e {
+            // QEMU's own words, without the command line.
+            super::qemu::VmmError::Launch(crate::cmd::CmdError::Failed { stderr, .. }) => {
+                format!(
+                    "QEMU failed: {}",
+                    stderr.lines().next().unwrap_or("").trim()
+                )
+            }
+            e => crate::error_chain(&e),
+        })?;
         loop {
             let console = std::fs::read_to_string(&spec.console).unwrap_or_default();
             if console.contains(PROBE_OK) {
