@@ -55,6 +55,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/files/content", get(read).put(write).delete(delete))
         .route("/files/mkdir", post(mkdir))
         .route("/suspend", post(suspend))
+        .route("/clock", post(set_clock))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .with_state(app)
@@ -203,6 +204,27 @@ async fn suspend(State(app): State<Arc<App>>) -> Response {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
+}
+
+/// Sets the wall clock: a microVM restored from a snapshot wakes up with the time it was
+/// suspended at.
+async fn set_clock(body: Bytes) -> Result<Response, ApiError> {
+    let req: hangar_proto::init::SetClock = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid clock request: {e}")))?;
+    let ts = libc::timespec {
+        tv_sec: (req.unix_nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (req.unix_nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads the timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "clock",
+            format!("cannot set the clock: {e}"),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Accepts control connections until `stop`, then asks every connection to close after its

@@ -49,7 +49,7 @@ impl Default for HostOptions {
             connect_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             accept: Vec::new(),
-            max_streams: 1024,
+            max_streams: 256,
         }
     }
 }
@@ -76,7 +76,7 @@ pub struct HostLink {
     epoch: u64,
     dead: CancellationToken,
     reason: Arc<Mutex<Option<LinkError>>>,
-    accepted: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, MuxStream)>>,
+    accepted: tokio::sync::Mutex<mpsc::Receiver<(String, MuxStream)>>,
 }
 
 impl HostLink {
@@ -124,7 +124,7 @@ impl HostLink {
                     ),
                 )
             })??;
-        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+        let (accepted_tx, accepted_rx) = mpsc::channel(crate::link::ACCEPT_QUEUE);
         let (core, outbox) = Core::new(
             Side::Host,
             true,

@@ -49,8 +49,9 @@
 //! the window, DATA after EOF, or CREDIT beyond the window resets that stream. The link's
 //! reader never waits for a stream's reader, so a slow one only stalls its own stream.
 //!
-//! Memory on the host side is bounded by `max_streams` × (one window + the 64 KiB pipe to the
-//! caller + a 32 KiB send buffer), plus one frame in the decoder and bounded write queues.
+//! Memory on the host side is bounded by `max_streams` (256 by default) × (one window + the
+//! 64 KiB pipe to the caller + a 32 KiB send buffer), plus one frame in the decoder, bounded
+//! write queues, and at most 64 opened streams waiting for `accept` (more are RESET).
 
 pub mod frame;
 mod guest;

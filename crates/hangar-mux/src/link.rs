@@ -53,6 +53,9 @@ pub(crate) struct Out {
     pub bytes: Bytes,
 }
 
+/// Streams the peer opened that may wait for `HostLink::accept` at once.
+pub(crate) const ACCEPT_QUEUE: usize = 64;
+
 /// The stream's link (or its epoch) has ended.
 #[derive(Debug)]
 pub(crate) struct LinkGone;
@@ -88,7 +91,7 @@ struct State {
     /// The highest id the peer opened in this generation; its ids only grow.
     last_remote: u32,
     /// Host: where accepted streams go; taken when the link dies so `accept` ends.
-    accepted: Option<mpsc::UnboundedSender<(String, MuxStream)>>,
+    accepted: Option<mpsc::Sender<(String, MuxStream)>>,
 }
 
 /// The receiving ends of the writer's queues.
@@ -103,7 +106,7 @@ impl Core {
         live: bool,
         max_streams: usize,
         incoming: Incoming,
-        accepted: Option<mpsc::UnboundedSender<(String, MuxStream)>>,
+        accepted: Option<mpsc::Sender<(String, MuxStream)>>,
         runtime: tokio::runtime::Handle,
     ) -> (Arc<Core>, Outbox) {
         let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
@@ -265,12 +268,15 @@ impl Core {
         state.streams.insert(id, ctl.clone());
         let accepted = state.accepted.clone();
         drop(state);
-        self.runtime.spawn(stream::pump(self.clone(), ctl, inner));
+        self.runtime
+            .spawn(stream::pump(self.clone(), ctl.clone(), inner));
         match &self.incoming {
             Incoming::Accept(_) => {
-                if let Some(tx) = accepted {
-                    // Fails only when the link is being closed, which resets the stream anyway.
-                    let _ = tx.send((target, stream));
+                // Bounded: a peer that opens streams faster than they are accepted (and resets
+                // them, so that they leave the table) gets RESETs instead of growing a queue.
+                let queued = accepted.is_some_and(|tx| tx.try_send((target, stream)).is_ok());
+                if !queued {
+                    return self.reset(&ctl);
                 }
             }
             Incoming::Callback(on_open) => on_open(target, stream),

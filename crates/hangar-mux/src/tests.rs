@@ -922,3 +922,29 @@ async fn the_writer_drops_frames_of_an_old_generation() {
     assert!(outbox.next_batch(&core, &mut batch).await);
     assert_eq!(batch, ack);
 }
+
+/// A guest that opens and at once resets streams nobody accepts cannot grow the host's
+/// queue of opened streams: past `ACCEPT_QUEUE` it gets RESETs.
+#[tokio::test]
+async fn opened_streams_waiting_for_accept_are_bounded() {
+    let (link, mut guest) = RawGuest::connect(egress_only()).await;
+    let total = crate::link::ACCEPT_QUEUE as u32 + 20;
+    for i in 1..=total {
+        guest.send(&open(2 * i, "egress")).await;
+        guest.send(&Frame::Reset { stream: 2 * i }.encode()).await;
+    }
+    // The first ACCEPT_QUEUE wait for accept; every one past them is refused.
+    let mut refused = Vec::new();
+    while refused.len() < 20 {
+        match guest.next().await {
+            Frame::Reset { stream } => refused.push(stream),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let first_refused = 2 * (crate::link::ACCEPT_QUEUE as u32 + 1);
+    assert_eq!(
+        refused,
+        (0..20).map(|i| first_refused + 2 * i).collect::<Vec<_>>()
+    );
+    assert_eq!(link.stream_count(), 0, "reset streams left the table");
+}

@@ -62,6 +62,14 @@ pub struct InitConfig {
     pub vm: Option<VmGuest>,
 }
 
+/// `POST /clock`: the wall-clock time to set (a microVM's clock stands still while suspended).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetClock {
+    /// Nanoseconds since the Unix epoch.
+    pub unix_nanos: u64,
+}
+
 /// What the `vm` driver's guest enforces itself (memory and vCPUs are the VM's own).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

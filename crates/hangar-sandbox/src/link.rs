@@ -33,7 +33,14 @@ pub enum LinkError {
     Status { status: StatusCode, body: ErrorBody },
     #[error("unreadable answer from hangar-init: {0}")]
     Decode(String),
+    #[error("hangar-init did not answer {0} within {1:?}")]
+    Timeout(&'static str, std::time::Duration),
 }
+
+/// How long the lifecycle calls may take: a sandbox that does not answer (a hung or hostile
+/// guest) must not hold its suspend or its readiness check for ever.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const SUSPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The files operations of `hangar-init`'s control API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,14 +126,39 @@ impl InitLink {
     }
 
     pub async fn health(&self) -> Result<InitHealth, LinkError> {
-        self.json(Method::GET, "/health", empty()).await
+        tokio::time::timeout(HEALTH_TIMEOUT, self.json(Method::GET, "/health", empty()))
+            .await
+            .map_err(|_| LinkError::Timeout("GET /health", HEALTH_TIMEOUT))?
     }
 
     /// Asks `hangar-init` to sync and close every host socket before a memory checkpoint.
     pub async fn suspend(&self) -> Result<(), LinkError> {
-        let resp = self.request(Method::POST, "/suspend", empty()).await?;
-        read_capped(resp.into_body()).await?;
-        Ok(())
+        tokio::time::timeout(SUSPEND_TIMEOUT, async {
+            let resp = self.request(Method::POST, "/suspend", empty()).await?;
+            read_capped(resp.into_body()).await?;
+            Ok(())
+        })
+        .await
+        .map_err(|_| LinkError::Timeout("POST /suspend", SUSPEND_TIMEOUT))?
+    }
+
+    /// Sets the sandbox's wall clock to `now` (a VM's clock stands still while it is
+    /// suspended).
+    pub async fn set_clock(&self, now: std::time::SystemTime) -> Result<(), LinkError> {
+        let since = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let body = serde_json::to_vec(&hangar_proto::init::SetClock {
+            unix_nanos: since.as_nanos() as u64,
+        })
+        .expect("serialises");
+        tokio::time::timeout(HEALTH_TIMEOUT, async {
+            let resp = self.request(Method::POST, "/clock", full(body)).await?;
+            read_capped(resp.into_body()).await?;
+            Ok(())
+        })
+        .await
+        .map_err(|_| LinkError::Timeout("POST /clock", HEALTH_TIMEOUT))?
     }
 
     /// A files operation on `path` inside the sandbox; the answer (status, streamed body) is

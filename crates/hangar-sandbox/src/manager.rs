@@ -277,6 +277,11 @@ impl Sandboxes {
     }
 
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, SandboxError> {
+        let me = self.clone();
+        detach(async move { me.create_now(req).await }).await
+    }
+
+    async fn create_now(&self, req: CreateSandbox) -> Result<Sandbox, SandboxError> {
         let kind = match req.driver {
             DriverKind::Auto => self.inner.probe.auto.ok_or_else(|| {
                 SandboxError::Unavailable(
@@ -460,20 +465,10 @@ impl Sandboxes {
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
-        let log =
-            std::fs::read_to_string(self.layout(&rec.sandbox.id).console_log()).unwrap_or_default();
-        let tail: Vec<&str> = log
-            .lines()
-            .rev()
-            .take(10)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail = crate::vm::tail(&self.layout(&rec.sandbox.id).console_log(), 10);
         Err(SandboxError::Internal(format!(
-            "hangar-init did not become ready after {:?} ({last}); console:\n{}",
+            "hangar-init did not become ready after {:?} ({last}); console:\n{tail}",
             started.elapsed(),
-            tail.join("\n")
         )))
     }
 
@@ -541,6 +536,12 @@ impl Sandboxes {
     }
 
     pub async fn suspend(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let me = self.clone();
+        let id = id.to_owned();
+        detach(async move { me.suspend_now(&id).await }).await
+    }
+
+    async fn suspend_now(&self, id: &str) -> Result<Sandbox, SandboxError> {
         let entry = self.entry(id)?;
         let mut rec = entry.record.lock().await;
         match rec.sandbox.state {
@@ -604,6 +605,12 @@ impl Sandboxes {
     }
 
     pub async fn resume(&self, id: &str) -> Result<Sandbox, SandboxError> {
+        let me = self.clone();
+        let id = id.to_owned();
+        detach(async move { me.resume_now(&id).await }).await
+    }
+
+    async fn resume_now(&self, id: &str) -> Result<Sandbox, SandboxError> {
         let entry = self.entry(id)?;
         let mut rec = entry.record.lock().await;
         match rec.sandbox.state {
@@ -653,6 +660,12 @@ impl Sandboxes {
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), SandboxError> {
+        let me = self.clone();
+        let id = id.to_owned();
+        detach(async move { me.delete_now(&id).await }).await
+    }
+
+    async fn delete_now(&self, id: &str) -> Result<(), SandboxError> {
         let entry = self.entry(id)?;
         self.remove(id, &entry).await
     }
@@ -733,6 +746,17 @@ impl Sandboxes {
     }
 }
 
+/// Runs a lifecycle transition on a task of its own: if the caller goes away (an HTTP client
+/// that disconnects), the transition still finishes and its outcome is recorded, instead of
+/// stopping half-way with the sandbox's lock released and its state stuck.
+async fn detach<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, SandboxError>> + Send + 'static,
+) -> Result<T, SandboxError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| SandboxError::Internal(format!("sandbox transition failed: {e}")))?
+}
+
 /// The agent process and exec defaults that `hangar-init` gets on a cold start.
 fn init_config(rec: &Record) -> InitConfig {
     let cfg = &rec.image_config;
@@ -789,10 +813,18 @@ fn checkpoint_digest(layout: &Layout, kept: &[PathBuf]) -> std::io::Result<(u64,
         volume::hash_sparse(file, &mut hasher)?;
     }
     if let Ok(dir) = std::fs::read_dir(layout.checkpoint()) {
+        // Drivers' marker files (`hangar-complete`, `hangar-durable`) are bookkeeping, and may
+        // appear after the digest: not part of the checkpoint's content.
         let mut files: Vec<PathBuf> = dir
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_file())
+            .filter(|p| {
+                !p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("hangar-")
+            })
             .collect();
         files.sort();
         for f in files {

@@ -87,6 +87,10 @@ fn lifecycle(driver: &str) {
         );
         assert_eq!(r.status, 409, "{}", r.text());
 
+        if driver == "vm" {
+            // A VM's clock stands still while it is suspended; Hangar sets it on resume.
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
         let res = s.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
         assert_eq!(res.status, 200, "{}", res.text());
         assert_eq!(res.json()["state"], "running");
@@ -109,6 +113,17 @@ fn lifecycle(driver: &str) {
     );
     assert_eq!((r.status, r.text().as_str()), (200, "remember the milk\n"));
     assert_eq!(s.sh(&id, "cat /var/lib/app/state"), "written-by-exec\n");
+
+    let guest_now: u64 = s.sh(&id, "date +%s").trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        guest_now.abs_diff(host_now) <= 2,
+        "the sandbox's clock is off by {} s after resume",
+        guest_now as i64 - host_now as i64
+    );
 
     let after = counter(&s, &id);
     if expected_mode(driver) == "memory" {

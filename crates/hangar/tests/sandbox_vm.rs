@@ -108,3 +108,55 @@ fn doctor_reports_the_vm_driver() {
         assert_ne!(v["auto"], "vm");
     }
 }
+
+/// QEMU is confined: it runs as `nobody` under its own seccomp filter, in a network namespace
+/// of its own (an escape from the guest reaches neither Hangar's API nor the host's network),
+/// and an image's disk is readable by root only.
+#[test]
+fn the_vmm_runs_confined() {
+    require_vm();
+    let rootfs = Rootfs::busybox();
+    let s = Server::start();
+    let id =
+        s.create(json!({"driver": "vm", "image": rootfs.path(), "resources": {"disk_mib": 32}}));
+    let pid = std::fs::read_to_string(
+        s.data
+            .path()
+            .join("sandboxes")
+            .join(&id)
+            .join("vm/qemu.pid"),
+    )
+    .unwrap();
+    let pid = pid.trim();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(field("Uid:"), "65534", "QEMU is not running as nobody");
+    assert_eq!(field("Seccomp:"), "2", "QEMU has no seccomp filter");
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(
+        ns(pid),
+        ns("self"),
+        "QEMU shares the host's network namespace"
+    );
+    for entry in std::fs::read_dir(s.data.path().join("vm/images")).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.unwrap().metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "an image disk is readable by others");
+    }
+    // And the VM works as nobody: a snapshot and a restore (which reopen the volume).
+    let r = s.call("POST", &format!("/v1/sandboxes/{id}/suspend"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
+    assert_eq!(r.json()["last_resume"]["mode"], "memory", "{}", r.text());
+    assert_eq!(s.sh(&id, "echo ok"), "ok\n");
+    s.delete(&id);
+}

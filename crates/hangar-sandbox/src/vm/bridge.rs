@@ -75,8 +75,12 @@ async fn run(
     alive: Arc<dyn Fn() -> bool + Send + Sync>,
 ) {
     let (current, watch) = watch::channel::<Option<Arc<HostLink>>>(None);
+    // Every task holding the link lives in one of these sets, so that aborting this task
+    // (dropping the `Bridge`) ends them all and closes the connection to QEMU, which serves
+    // one client at a time.
     let mut tasks = JoinSet::new();
     let mut first = true;
+    let mut drops = 0u32;
     loop {
         let timeout = if first {
             connect_timeout
@@ -117,15 +121,30 @@ async fn run(
                 }
             }
         }
+        let up = std::time::Instant::now();
         current.send_replace(Some(link.clone()));
-        let egress = tokio::spawn(egress(link.clone(), paths.egress.clone()));
-        link.closed().await;
-        egress.abort();
+        let mut epoch = JoinSet::new();
+        epoch.spawn(egress(link.clone(), paths.egress.clone()));
+        let why = link.closed().await;
         current.send_replace(None);
+        drop(epoch);
+        link.close();
+        drop(link);
         if !alive() {
             break;
         }
-        tracing::info!(port = %paths.port.display(), "the VM's link dropped; reconnecting");
+        // A guest that breaks the protocol on purpose must not make the host spin: back off
+        // while links keep dropping soon after they came up, and say so only now and then.
+        if up.elapsed() < Duration::from_secs(1) {
+            drops = drops.saturating_add(1);
+        } else {
+            drops = 0;
+        }
+        if drops.is_power_of_two() || drops == 0 {
+            tracing::info!(port = %paths.port.display(), reason = ?why, drops, "the VM's link dropped; reconnecting");
+        }
+        let pause = Duration::from_millis(50u64 << drops.min(7));
+        tokio::time::sleep(pause.min(Duration::from_secs(5))).await;
     }
     drop(tasks);
     let _ = std::fs::remove_file(&paths.control);

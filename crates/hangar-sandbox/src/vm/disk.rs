@@ -35,6 +35,12 @@ pub fn image_disk(image: &Image, dir: &Path) -> Result<PathBuf, DiskError> {
         move |source| DiskError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // An image's disk holds every file of the image, including those the image itself keeps
+    // from other users: only root may read them (QEMU opens them before dropping to nobody).
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(io(d))?;
+    }
     let disk = dir.join(format!("{}.erofs", key(image)));
     if disk.exists() {
         return Ok(disk);
@@ -85,6 +91,13 @@ fn build(image: &Image, tmp: &Path, disk: &Path) -> Result<(), DiskError> {
             .arg(&source),
     )
     .map_err(DiskError::Pack)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DiskError::Io {
+            path: out.clone(),
+            source,
+        }
+    })?;
     std::fs::rename(&out, disk).map_err(|source| DiskError::Io {
         path: disk.to_owned(),
         source,

@@ -57,10 +57,14 @@ pub fn probe_vm(
     })
 }
 
-/// Marks a device-state file as complete (a suspend that died half-way is never restored).
+/// Marks a device-state file as complete (a suspend that died half-way is never restored);
+/// holds the host's boot id.
 const COMPLETE: &str = "hangar-complete";
-/// How long the first link connection may take: the whole boot (about 2.5 s under TCG).
-const BOOT_LINK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Marks a snapshot whose files are on disk (restorable after a host crash too).
+const DURABLE: &str = "hangar-durable";
+/// How long the first link connection may take: the whole boot (about 2.5 s under TCG); the
+/// same as the manager's readiness deadline.
+const BOOT_LINK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the `vm` driver is set up.
 #[derive(Debug, Clone)]
@@ -246,6 +250,21 @@ impl VmDriver {
             .insert(sb.layout.id.clone(), bridge);
     }
 
+    /// Sets the restored guest's clock, which stood still while it was suspended.
+    fn sync_clock(&self, sb: &SandboxSpec) {
+        let sock = sb.layout.control_socket();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let link = InitLink::new(sock, sb.init.secret.clone());
+        if let Err(e) =
+            tokio::runtime::Handle::current().block_on(link.set_clock(std::time::SystemTime::now()))
+        {
+            tracing::warn!(sandbox = %sb.layout.id, error = %e, "cannot set the restored guest's clock");
+        }
+    }
+
     fn stop_bridge(&self, sb: &SandboxSpec) {
         let bridge = self
             .bridges
@@ -314,6 +333,40 @@ fn host_tsc_khz() -> Option<u64> {
     })
 }
 
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether `dir` holds a snapshot that may be restored: complete, and either taken on this
+/// boot of the host or known to be on disk.
+fn restorable(dir: &Path) -> bool {
+    match std::fs::read_to_string(dir.join(COMPLETE)) {
+        Ok(boot) => dir.join(DURABLE).exists() || (!boot.is_empty() && boot == boot_id()),
+        Err(_) => false,
+    }
+}
+
+/// Flushes a snapshot's files to disk off the suspend's path, then marks it durable.
+fn make_durable(files: Vec<PathBuf>, dir: PathBuf) {
+    let flush = move || {
+        for f in &files {
+            std::fs::File::open(f)?.sync_all()?;
+        }
+        std::fs::write(dir.join(DURABLE), b"")?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    let _ = std::thread::Builder::new()
+        .name("vm-durable".into())
+        .spawn(move || {
+            if let Err(e) = flush() {
+                tracing::debug!(error = %e, "a snapshot was not flushed (resumed or deleted first?)");
+            }
+        });
+}
+
 /// A VMM that would not start, with what the guest printed (it may have got that far).
 fn boot_failure(e: &qemu::VmmError, console: &Path) -> String {
     let tail = tail(console, 15);
@@ -327,8 +380,18 @@ fn boot_failure(e: &qemu::VmmError, console: &Path) -> String {
     }
 }
 
+/// The last `lines` lines of a log, reading at most its last 64 KiB (a guest can make its
+/// console as large as it likes).
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.take(64 * 1024).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -362,32 +425,57 @@ impl Driver for VmDriver {
             .booted(sb)
             .ok_or_else(|| DriverError::Other("the VM has no boot record".into()))?;
         let spec = self.spec(sb, &boot);
-        // The guest flushes its files to the volume; its sockets stay as they are.
-        tokio::runtime::Handle::current()
-            .block_on(link.suspend())
-            .map_err(|e| DriverError::Link(e.to_string()))?;
+        // The guest flushes its files to the volume. A guest that does not answer is
+        // snapshotted all the same: its memory and device state are complete without the
+        // flush, and only a later cold start on the files would miss what it had not written.
+        let note = match tokio::runtime::Handle::current().block_on(link.suspend()) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(sandbox = %sb.layout.id, error = %e, "the guest did not sync before its snapshot");
+                Some(format!(
+                    "the guest did not sync its files first ({e}); its memory holds what it had not written"
+                ))
+            }
+        };
         let synced = t0.elapsed();
         self.stop_bridge(sb);
         let dir = sb.layout.checkpoint();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(DriverError::Rootfs)?;
-        if let Err(e) = self.vmm.snapshot(&spec, &dir.join("state")) {
+        let saved = (|| {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| DriverError::Other(format!("creating {}: {e}", dir.display())))?;
+            self.vmm.snapshot(&spec, &dir.join("state")).map_err(|e| {
+                DriverError::Checkpoint(crate::cmd::CmdError::Failed {
+                    program: self.vmm.name().into(),
+                    status: "snapshot failed".into(),
+                    stderr: crate::error_chain(&e),
+                })
+            })?;
+            // Valid at once on this boot of the host (the page cache holds it); valid after a
+            // host crash only once it is on disk, which a thread sees to (`DURABLE`).
+            std::fs::write(dir.join(COMPLETE), boot_id())
+                .map_err(|e| DriverError::Other(format!("writing {}: {e}", dir.display())))
+        })();
+        if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
             if self.vmm.pid(&spec).is_some() {
-                // Still running (the snapshot was refused): it stays as it was.
+                // Still running (the snapshot was refused): it stays as it was, reachable.
                 self.start_bridge(sb, &spec, Duration::from_secs(10));
             }
-            return Err(DriverError::Checkpoint(crate::cmd::CmdError::Failed {
-                program: self.vmm.name().into(),
-                status: "snapshot failed".into(),
-                stderr: crate::error_chain(&e),
-            }));
+            return Err(e);
         }
-        std::fs::write(dir.join(COMPLETE), b"").map_err(DriverError::Rootfs)?;
+        make_durable(
+            vec![
+                Self::vm_dir(sb).join("ram"),
+                dir.join("state"),
+                sb.layout.volume_image(),
+            ],
+            dir.clone(),
+        );
         tracing::debug!(sandbox = %sb.layout.id, ?synced, total = ?t0.elapsed(), "vm suspend");
         Ok(Suspended {
             mode: CheckpointMode::Memory,
-            note: None,
+            note,
         })
     }
 
@@ -395,15 +483,20 @@ impl Driver for VmDriver {
         let dir = sb.layout.checkpoint();
         let boot = self.booted(sb);
         let ram = Self::vm_dir(sb).join("ram");
-        let (Some(boot), true, true) = (boot, dir.join(COMPLETE).exists(), ram.exists()) else {
+        let (Some(boot), true, true) = (boot, restorable(&dir), ram.exists()) else {
             self.cold_start(sb)?;
             return Ok(Resumed::Filesystem { note: None });
         };
+        // Used at most once: a snapshot restored and then run on must never be restored again
+        // (its RAM file has moved on), whatever happens from here.
+        std::fs::remove_file(dir.join(COMPLETE))
+            .map_err(|e| DriverError::Other(format!("consuming the snapshot: {e}")))?;
         let t0 = std::time::Instant::now();
         match self.restore(sb, &boot) {
             Ok(()) => {
                 tracing::debug!(sandbox = %sb.layout.id, took = ?t0.elapsed(), "vm restored");
                 let _ = std::fs::remove_dir_all(&dir);
+                self.sync_clock(sb);
                 Ok(Resumed::Memory)
             }
             Err(e) => {
@@ -411,6 +504,7 @@ impl Driver for VmDriver {
                     "the memory snapshot could not be restored ({e}); restarted on its files"
                 );
                 tracing::warn!(sandbox = %sb.layout.id, error = %e, "restore failed; booting afresh on the files");
+                self.stop_bridge(sb);
                 self.vmm.kill(&self.spec(sb, &boot));
                 let kept = sb.layout.dir.join("checkpoint.failed");
                 let _ = std::fs::remove_dir_all(&kept);

@@ -118,7 +118,8 @@ impl Qemu {
         c.args(["-M", "microvm,memory-backend=mem"]);
         match vm.accel {
             Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
+            // The translation cache defaults to 1 GiB per VM; 256 MiB bounds it.
+            Accel::Tcg => c.args(["-accel", "tcg,tb-size=256", "-cpu", "max"]),
         };
         c.args(["-smp", &vm.vcpus.to_string()]);
         c.args(["-m", &format!("{}M", vm.memory_mib)]);
@@ -134,6 +135,28 @@ impl Qemu {
             "none",
             "-no-reboot",
         ]);
+        // Confinement. QEMU opens every file and socket it needs as root, then drops to
+        // `nobody` (`-runas`) under its own seccomp filter (no obsolete or resource-control
+        // system calls; `spawn` and `elevateprivileges` must stay allowed because
+        // `-daemonize` forks and calls setsid), in network and IPC namespaces of its own (see
+        // `pre_exec` below): an escape from the guest lands in an unprivileged process that
+        // cannot reach Hangar's API or any other host network service.
+        c.args([
+            "-sandbox",
+            "on,obsolete=deny,resourcecontrol=deny",
+            "-runas",
+            VMM_USER,
+        ]);
+        // SAFETY: unshare(2) is async-signal-safe and touches only this (forked) process.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                nix::sched::unshare(
+                    nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWIPC,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
         c.arg("-chardev")
             .arg(format!("file,id=console,path={},append=on", p(&vm.console)));
         c.args(["-serial", "chardev:console"]);
@@ -141,9 +164,20 @@ impl Qemu {
         c.arg("-initrd").arg(&vm.initrd);
         c.arg("-append").arg(&vm.cmdline);
         for (i, (serial, file, readonly)) in vm.disks.iter().enumerate() {
+            // A writable disk is handed over as descriptors (an fd set with a read-write and a
+            // read-only one): QEMU, no longer root, reopens it read-only when a snapshot
+            // deactivates it, and could not open the file by its path.
+            let file = if *readonly {
+                p(file)
+            } else {
+                let set = i + 1;
+                let (rw, ro) = disk_fds(i);
+                c.args(["-add-fd", &format!("fd={rw},set={set}")]);
+                c.args(["-add-fd", &format!("fd={ro},set={set}")]);
+                format!("/dev/fdset/{set}")
+            };
             c.arg("-drive").arg(format!(
-                "id=disk{i},file={},format=raw,if=none,readonly={}",
-                p(file),
+                "id=disk{i},file={file},format=raw,if=none,readonly={}",
                 if *readonly { "on" } else { "off" }
             ));
             c.arg("-device")
@@ -180,10 +214,53 @@ impl Qemu {
         }
         let _ = std::fs::remove_file(&vm.qmp);
         let _ = std::fs::remove_file(&vm.pidfile);
+        // The writable disks' descriptors, placed at the numbers `command` names.
+        let mut handed = Vec::new();
+        for (i, (_, file, readonly)) in vm.disks.iter().enumerate() {
+            if *readonly {
+                continue;
+            }
+            let open = |write: bool| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(file)
+                    .map_err(|e| {
+                        VmmError::Launch(CmdError::Spawn {
+                            program: format!("opening {}", file.display()),
+                            source: e,
+                        })
+                    })
+            };
+            let (rw, ro) = disk_fds(i);
+            handed.push((open(true)?, rw));
+            handed.push((open(false)?, ro));
+        }
+        let mut c = self.command(vm, incoming);
+        let fds: Vec<(i32, i32)> = handed
+            .iter()
+            .map(|(f, to)| (std::os::fd::AsRawFd::as_raw_fd(f), *to))
+            .collect();
+        // SAFETY: dup2 and fcntl are async-signal-safe and act on this (forked) process only.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(move || {
+                for &(from, to) in &fds {
+                    if from == to {
+                        let flags = libc::fcntl(to, libc::F_GETFD);
+                        libc::fcntl(to, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         // With -daemonize the foreground process exits once the VM runs (sockets bound), or
         // with the error that kept it from starting.
-        cmd::run(&mut self.command(vm, incoming)).map_err(VmmError::Launch)?;
-        Ok(())
+        let r = cmd::run(&mut c).map_err(VmmError::Launch);
+        drop(handed);
+        r.map(|_| ())
     }
 }
 
@@ -211,39 +288,16 @@ impl Vmm for Qemu {
             json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
         )?;
         qmp.execute("stop", json!({}))?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(state)
-            .map_err(|e| VmmError::Snapshot(format!("creating {}: {e}", state.display())))?;
-        qmp.pass_fd(MIGRATION_FD, &file)?;
-        qmp.execute("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") }))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = qmp.execute("query-migrate", json!({}))?;
-            match r.get("status").and_then(Value::as_str) {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => {
-                    let why = r
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no reason given");
-                    // The guest is paused, not lost: let it run again.
-                    let _ = qmp.execute("cont", json!({}));
-                    return Err(VmmError::Snapshot(format!(
-                        "saving the device state failed: {why}"
-                    )));
+        if let Err(e) = save_device_state(&mut qmp, state) {
+            // The guest is paused, not lost: whatever failed, let it run again (on a fresh
+            // connection if this one is what failed).
+            let _ = qmp.execute("migrate_cancel", json!({}));
+            if qmp.execute("cont", json!({})).is_err() {
+                if let Ok(mut again) = Qmp::connect(&vm.qmp) {
+                    let _ = again.execute("cont", json!({}));
                 }
-                _ if Instant::now() > deadline => {
-                    let _ = qmp.execute("migrate_cancel", json!({}));
-                    let _ = qmp.execute("cont", json!({}));
-                    return Err(VmmError::Snapshot(
-                        "saving the device state took over 60 s".into(),
-                    ));
-                }
-                _ => std::thread::sleep(Duration::from_millis(1)),
             }
+            return Err(e);
         }
         let pid = self.pid(vm);
         // QEMU answers `quit` and closes the socket as it exits.
@@ -303,10 +357,15 @@ impl Vmm for Qemu {
             .ok()?;
         // The pid file outlives the process; make sure the pid is still this VM's QEMU (and
         // not a zombie waiting for the reaper).
+        // Both the executable and the `-name` argument, so that a pid reused by another
+        // process (a `grep` naming the sandbox, say) is never taken for it.
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        if std::fs::canonicalize(&self.binary).ok().as_deref() != Some(exe.as_path()) {
+            return None;
+        }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let ours = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == vm.name.as_bytes());
+        let mut args = cmdline.split(|b| *b == 0);
+        let ours = args.any(|arg| arg == b"-name") && args.next() == Some(vm.name.as_bytes());
         (ours && !is_zombie(pid)).then_some(pid)
     }
 
@@ -336,6 +395,40 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// With the VM stopped: migrates its device state into `state` and waits until it is written.
+fn save_device_state(qmp: &mut Qmp, state: &Path) -> Result<(), VmmError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(state)
+        .map_err(|e| VmmError::Snapshot(format!("creating {}: {e}", state.display())))?;
+    qmp.pass_fd(MIGRATION_FD, &file)?;
+    qmp.execute("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") }))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = qmp.execute("query-migrate", json!({}))?;
+        match r.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = r
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(VmmError::Snapshot(format!(
+                    "saving the device state failed: {why}"
+                )));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(VmmError::Snapshot(
+                    "saving the device state took over 60 s".into(),
+                ))
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
 /// Waits until `pid` is gone or a zombie (the reaper collects it); false on timeout.
 fn wait_gone(pid: i32, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -347,6 +440,15 @@ fn wait_gone(pid: i32, limit: Duration) -> bool {
     }
     false
 }
+
+/// The descriptor numbers (read-write, read-only) disk `i` is handed to QEMU at; far above
+/// anything the spawning process has open at the time of the exec.
+fn disk_fds(i: usize) -> (i32, i32) {
+    (200 + 2 * i as i32, 201 + 2 * i as i32)
+}
+
+/// The unprivileged user QEMU runs as once it has opened its files.
+const VMM_USER: &str = "nobody";
 
 /// The name under which a snapshot's file descriptor is handed to QEMU.
 const MIGRATION_FD: &str = "hangar-migration";
