@@ -73,10 +73,23 @@ fn limits(driver: &str, cpu: Cpu) {
             let quota = std::fs::read_to_string(cgroup(&a).join("cpu.cfs_quota_us")).unwrap();
             assert_eq!(quota.trim(), "50000", "cpus 0.5 should be 50 ms per 100 ms");
         }
-        // CPU: a VM gets whole vCPUs, at least one.
+        // CPU: a VM gets whole vCPUs, at least one, and its QEMU a host quota of `cpus`.
         Cpu::Vcpus => {
             let n = s.sh(&a, "grep -c ^processor /proc/cpuinfo");
             assert_eq!(n.trim(), "1", "cpus 0.5 should be one vCPU");
+            let v1 = std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/cpu/hangar-vm/hangar-{a}/cpu.cfs_quota_us"
+            ));
+            let quota = if v1.exists() {
+                std::fs::read_to_string(v1).unwrap()
+            } else {
+                std::fs::read_to_string(format!("/sys/fs/cgroup/hangar-vm/hangar-{a}/cpu.max"))
+                    .expect("the VM's QEMU has no cgroup")
+            };
+            assert!(
+                quota.starts_with("50000"),
+                "cpus 0.5 should be 50 ms per 100 ms: {quota}"
+            );
             // And the memory limit is the VM's RAM.
             let mem = s.sh(&a, "grep MemTotal /proc/meminfo");
             let kib: u64 = mem.split_whitespace().nth(1).unwrap().parse().unwrap();

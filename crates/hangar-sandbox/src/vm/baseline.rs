@@ -46,6 +46,7 @@ pub fn sample(
         qmp: work.join("qmp.sock"),
         pidfile: work.join("qemu.pid"),
         console: work.join("console.log"),
+        limits: None,
     };
     let _ = std::fs::remove_file(&spec.ram);
     let _ = std::fs::remove_file(&spec.console);

@@ -16,6 +16,7 @@
 
 pub mod baseline;
 pub mod bridge;
+pub mod cgroup;
 pub mod disk;
 pub mod initramfs;
 pub mod probe;
@@ -170,6 +171,18 @@ impl VmDriver {
             qmp: vm.join("qmp.sock"),
             pidfile: vm.join("qemu.pid"),
             console: sb.layout.console_log(),
+            limits: Some(cgroup::Limits {
+                cpus: sb.resources.cpus,
+                // Guest RAM plus QEMU's own: device emulation, and under TCG its translation
+                // cache (256 MiB at most, see qemu.rs).
+                memory_bytes: (boot.memory_mib
+                    + match boot.accel {
+                        Accel::Kvm => 128,
+                        Accel::Tcg => 384,
+                    })
+                    * 1024
+                    * 1024,
+            }),
         }
     }
 

@@ -176,6 +176,7 @@ fn boot_probe(qemu: &Qemu, kernel: &Kernel, input: &ProbeInput) -> Result<Durati
         qmp: dir.join("qmp.sock"),
         pidfile: dir.join("qemu.pid"),
         console: dir.join("console.log"),
+        limits: None,
     };
     let t0 = Instant::now();
     let result = (|| {

@@ -60,6 +60,8 @@ pub struct VmSpec {
     pub pidfile: PathBuf,
     /// The serial console, appended to across boots and restores.
     pub console: PathBuf,
+    /// The host cgroup limits QEMU runs under (see `cgroup.rs`), if any.
+    pub limits: Option<super::cgroup::Limits>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +239,21 @@ impl Qemu {
             handed.push((open(false)?, ro));
         }
         let mut c = self.command(vm, incoming);
+        if let Some(limits) = vm.limits {
+            let procs = super::cgroup::Cgroup::of(&vm.name)
+                .create(limits)
+                .map_err(|e| {
+                    VmmError::Launch(CmdError::Spawn {
+                        program: "creating the VM's cgroup".into(),
+                        source: e,
+                    })
+                })?;
+            // SAFETY: `join` only opens and writes (async-signal-safe), as pre_exec requires.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                c.pre_exec(move || super::cgroup::Cgroup::join(&procs));
+            }
+        }
         let fds: Vec<(i32, i32)> = handed
             .iter()
             .map(|(f, to)| (std::os::fd::AsRawFd::as_raw_fd(f), *to))
@@ -307,6 +324,7 @@ impl Vmm for Qemu {
                 self.kill(vm);
             }
         }
+        super::cgroup::Cgroup::of(&vm.name).remove();
         Ok(())
     }
 
@@ -382,6 +400,7 @@ impl Vmm for Qemu {
         for (_, sock) in &vm.ports {
             let _ = std::fs::remove_file(sock);
         }
+        super::cgroup::Cgroup::of(&vm.name).remove();
     }
 }
 

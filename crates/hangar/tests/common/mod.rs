@@ -367,6 +367,12 @@ pub fn assert_nothing_left(server: &Server, id: &str) {
             "runtime state left in {root}"
         );
     }
+    for cg in ["cpu/hangar-vm", "memory/hangar-vm", "hangar-vm"] {
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(cg)
+            .join(format!("hangar-{id}"));
+        assert!(!dir.exists(), "VM cgroup {} left behind", dir.display());
+    }
     for cg in ["memory", "pids", "cpu"] {
         assert!(
             !Path::new("/sys/fs/cgroup")
