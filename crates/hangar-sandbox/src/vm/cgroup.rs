@@ -101,10 +101,28 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Removes the cgroup once nothing runs in it. Idempotent.
+    /// Removes the cgroup once nothing runs in it. Idempotent. A QEMU that is gone may still
+    /// be a zombie that counts as a member until it is reaped — by the host's PID 1 when it
+    /// outlived the Hangar that started it, which can take a second or more — so a busy cgroup
+    /// is retried for a while.
     pub fn remove(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         for dir in &self.dirs {
-            let _ = std::fs::remove_dir(dir);
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a VM's cgroup");
+                        break;
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 }

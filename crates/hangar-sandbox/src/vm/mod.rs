@@ -210,7 +210,7 @@ impl VmDriver {
 
     fn cold_start(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
         let vm = Self::vm_dir(sb);
-        std::fs::create_dir_all(&vm).map_err(DriverError::Rootfs)?;
+        std::fs::create_dir_all(&vm).map_err(|e| at(&vm, e))?;
         let (kernel, initramfs) = self.assets(&sb.init_dir.join("hangar-init"))?;
         let image_disk = self.image_disk(sb.image)?;
         let boot = Boot {
@@ -226,7 +226,7 @@ impl VmDriver {
         let config = serde_json::to_vec(sb.init).expect("init config serialises");
         let extra = initramfs::config_archive(&[(CONFIG_IN_INITRD, &config, 0o600)]);
         let initrd = vm.join("initrd");
-        write_private_copy(&initramfs, &extra, &initrd).map_err(DriverError::Rootfs)?;
+        write_private_copy(&initramfs, &extra, &initrd).map_err(|e| at(&initrd, e))?;
         // A cold start begins with fresh memory.
         let _ = std::fs::remove_file(vm.join("ram"));
         let _ = std::fs::remove_dir_all(sb.layout.checkpoint());
@@ -234,7 +234,7 @@ impl VmDriver {
             Self::boot_file(sb),
             serde_json::to_vec(&boot).expect("boot record serialises"),
         )
-        .map_err(DriverError::Rootfs)?;
+        .map_err(|e| at(&Self::boot_file(sb), e))?;
         let spec = self.spec(sb, &boot);
         self.vmm
             .launch(&spec)
@@ -344,6 +344,11 @@ fn host_tsc_khz() -> Option<u64> {
             None
         }
     })
+}
+
+/// An I/O error on `path`, naming it.
+fn at(path: &Path, e: std::io::Error) -> DriverError {
+    DriverError::Other(format!("{}: {e}", path.display()))
 }
 
 /// This boot of the host (`/proc/sys/kernel/random/boot_id`).
