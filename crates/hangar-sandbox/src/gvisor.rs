@@ -178,7 +178,9 @@ impl GvisorDriver {
     /// Right after `restore -detach` returns, the sandbox may not take signals yet ("sandbox is
     /// not running"), and a signal can be lost while it settles; both are retried.
     fn rebind(&self, sb: &SandboxSpec) -> Result<(), CmdError> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // Generous: on a busy host (a TCG microVM next door takes a core) a restored
+        // hangar-init was seen to need more than 5 s to bind again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(12);
         let sock = sb.layout.control_socket();
         loop {
             let sent = cmd::run(self.runsc().args(["kill", &sb.layout.id, "USR2"]));
