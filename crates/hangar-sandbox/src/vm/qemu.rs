@@ -149,14 +149,27 @@ impl Qemu {
             "-runas",
             VMM_USER,
         ]);
-        // SAFETY: unshare(2) is async-signal-safe and touches only this (forked) process.
+        let namespaces = vmm_namespaces().map(|(net, ipc)| {
+            use std::os::fd::AsRawFd;
+            (net.as_raw_fd(), ipc.as_raw_fd())
+        });
+        // SAFETY: setns(2) and unshare(2) are async-signal-safe and act on this (forked)
+        // process only; the descriptors outlive the spawn (they are static).
         unsafe {
             use std::os::unix::process::CommandExt;
-            c.pre_exec(|| {
-                nix::sched::unshare(
+            c.pre_exec(move || match namespaces {
+                Some((net, ipc)) => {
+                    for (fd, kind) in [(net, libc::CLONE_NEWNET), (ipc, libc::CLONE_NEWIPC)] {
+                        if libc::setns(fd, kind) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                }
+                None => nix::sched::unshare(
                     nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWIPC,
                 )
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from),
             });
         }
         c.arg("-chardev")
@@ -464,6 +477,35 @@ fn wait_gone(pid: i32, limit: Duration) -> bool {
 /// anything the spawning process has open at the time of the exec.
 fn disk_fds(i: usize) -> (i32, i32) {
     (200 + 2 * i as i32, 201 + 2 * i as i32)
+}
+
+/// The network and IPC namespaces every QEMU runs in: empty ones (only a loopback that is
+/// down), made once. Making a network namespace per VM costs tens of milliseconds on every
+/// boot and restore; joining one costs nothing. `None` if they cannot be made, and then each
+/// QEMU makes its own.
+fn vmm_namespaces() -> Option<&'static (std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    static NS: std::sync::OnceLock<Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> =
+        std::sync::OnceLock::new();
+    NS.get_or_init(|| {
+        // unshare(2) of these applies to the calling thread only: a thread of its own makes
+        // them, and the open descriptors keep them alive after it ends.
+        std::thread::spawn(|| {
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWIPC,
+            )
+            .ok()?;
+            let open = |kind: &str| {
+                std::fs::File::open(format!("/proc/thread-self/ns/{kind}"))
+                    .ok()
+                    .map(std::os::fd::OwnedFd::from)
+            };
+            Some((open("net")?, open("ipc")?))
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+    .as_ref()
 }
 
 /// The unprivileged user QEMU runs as once it has opened its files.
