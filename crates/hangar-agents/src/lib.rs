@@ -634,27 +634,13 @@ impl Agents {
         })
         .await;
         waited.map_err(|e| {
-            let log = self.log_tail(sandbox, 20);
+            let log = self.inner.sandboxes.console_tail(sandbox, 20);
             AgentsError::Agent(if log.is_empty() {
                 e
             } else {
                 format!("{e}; the agent's log ends with:\n{log}")
             })
         })
-    }
-
-    /// The last `lines` lines of the sandbox's console (read from its last 64 KiB only).
-    fn log_tail(&self, sandbox: &str, lines: usize) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut buf = Vec::new();
-        if let Ok(mut f) = std::fs::File::open(self.inner.sandboxes.console_log(sandbox)) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-            let _ = f.take(64 * 1024).read_to_end(&mut buf);
-        }
-        let log = String::from_utf8_lossy(&buf);
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     async fn set_state(

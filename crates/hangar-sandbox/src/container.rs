@@ -96,9 +96,7 @@ impl ContainerDriver {
             return Err(DriverError::Start(cmd::CmdError::Failed {
                 program: "crun run".into(),
                 status: out.status.to_string(),
-                stderr: std::fs::read_to_string(sb.layout.console_log())
-                    .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().join("\n"))
-                    .unwrap_or_default(),
+                stderr: crate::driver::log_tail(&sb.layout.console_log(), 5),
             }));
         }
         tracing::debug!(sandbox = %sb.layout.id, ?mounted, ?deleted, ran = ?t0.elapsed(), "crun run");

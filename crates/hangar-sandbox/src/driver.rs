@@ -72,6 +72,22 @@ impl Layout {
     }
 }
 
+/// The last `lines` lines of a log, reading at most its last 64 KiB: a sandbox can make its
+/// console as large as it likes, and whoever shows its tail must not read it all.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.take(64 * 1024).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// What a driver needs to know about a sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec<'a> {

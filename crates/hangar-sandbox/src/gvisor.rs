@@ -110,7 +110,7 @@ impl GvisorDriver {
             return Err(CmdError::Failed {
                 program: format!("runsc {}", args[0]),
                 status: out.to_string(),
-                stderr: tail(&sb.layout.console_log()),
+                stderr: crate::driver::log_tail(&sb.layout.console_log(), 5),
             });
         }
         Ok(())
@@ -237,24 +237,6 @@ fn checkpoint_failure(stderr: &str) -> String {
     first.chars().take(200).collect()
 }
 
-/// Waits until process `pid` no longer exists (or `limit` passes).
-fn wait_gone(pid: i32, limit: Duration) {
-    if pid <= 0 {
-        return;
-    }
-    let deadline = std::time::Instant::now() + limit;
-    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
-    while proc.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn tail(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().join("\n"))
-        .unwrap_or_default()
-}
-
 impl Driver for GvisorDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Gvisor
@@ -308,7 +290,7 @@ impl Driver for GvisorDriver {
         std::fs::write(dir.join(COMPLETE), b"").map_err(DriverError::Rootfs)?;
         // `runsc delete` polls slowly for a sandbox process that has not gone yet; it exits
         // right after the checkpoint (and the reaper collects it), so wait for that here.
-        wait_gone(sandbox_pid, Duration::from_secs(3));
+        crate::reaper::wait_reaped(sandbox_pid, Duration::from_secs(3));
         self.delete(id);
         mounts::unmount_rootfs(sb)?;
         tracing::debug!(sandbox = %id, ?prepared, ?checkpointed, total = ?t0.elapsed(), attempts = attempt + 1, "gvisor suspend");

@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::container::ContainerDriver;
-use crate::driver::{Driver, DriverError, Layout, Recovered, Resumed, SandboxSpec};
+use crate::driver::{log_tail, Driver, DriverError, Layout, Recovered, Resumed, SandboxSpec};
 use crate::egress::{self, EgressPolicy};
 use crate::gvisor::GvisorDriver;
 use crate::link::{ExecStream, InitLink, LinkError};
@@ -32,7 +32,7 @@ use crate::vm::{VmConfig, VmDriver};
 use crate::volume;
 
 /// How long a sandbox may take from start to a `hangar-init` that answers.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -223,6 +223,11 @@ impl Sandboxes {
     /// The host side of a sandbox's `agent.sock`: each connection reaches the agent's port.
     pub fn agent_socket(&self, id: &str) -> PathBuf {
         self.layout(id).agent_socket()
+    }
+
+    /// The last `lines` lines of the sandbox's console.
+    pub fn console_tail(&self, id: &str, lines: usize) -> String {
+        log_tail(&self.layout(id).console_log(), lines)
     }
 
     /// The sandbox's console: `hangar-init`'s and the agent's stdout and stderr.
@@ -465,7 +470,7 @@ impl Sandboxes {
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
-        let tail = crate::vm::tail(&self.layout(&rec.sandbox.id).console_log(), 10);
+        let tail = log_tail(&self.layout(&rec.sandbox.id).console_log(), 10);
         Err(SandboxError::Internal(format!(
             "hangar-init did not become ready after {:?} ({last}); console:\n{tail}",
             started.elapsed(),

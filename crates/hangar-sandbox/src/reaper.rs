@@ -92,6 +92,36 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<(Child, Option<mpsc::Receiver
     Ok((child, Some(rx)))
 }
 
+/// Whether `pid` has exited but not been reaped (or cannot be read at all).
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(true)
+}
+
+/// Waits until process `pid` is gone — exited and reaped (by this process's reaper thread, or
+/// by the host's PID 1 for an orphan that outlived an earlier Hangar); false after `limit`.
+/// Reaped matters: a zombie still counts as a member of its cgroup, and runtimes that poll a
+/// pid (`runsc delete`) see it as alive.
+pub fn wait_reaped(pid: i32, limit: std::time::Duration) -> bool {
+    if pid <= 0 {
+        return true;
+    }
+    let deadline = std::time::Instant::now() + limit;
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    while proc.exists() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
 /// Waits for a child from [`spawn`].
 pub fn wait(
     mut child: Child,

@@ -43,29 +43,20 @@ pub struct SandboxBench {
 /// The raw VMM baseline of `--driver vm`: QEMU booting the driver's kernel and initramfs to
 /// `/init`, and restoring a snapshot of such a VM, on the accelerator the driver uses.
 struct VmBaseline {
-    data_dir: std::path::PathBuf,
-    kernel: Option<std::path::PathBuf>,
-    init: std::path::PathBuf,
+    vm: crate::serve::LocalVm,
     accel: hangar_sandbox::vm::qemu::Accel,
     work: tempfile::TempDir,
 }
 
 impl VmBaseline {
     fn new() -> anyhow::Result<VmBaseline> {
-        let data_dir = crate::default_data_dir();
-        let init = std::env::var_os("HANGAR_INIT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or(std::env::current_exe()?.with_file_name("hangar-init"));
-        let kernel = std::env::var_os("HANGAR_VM_KERNEL").map(std::path::PathBuf::from);
-        let forced = crate::serve::vm_accel(&std::env::var("HANGAR_VM_ACCEL").unwrap_or_default());
-        let probe = hangar_sandbox::vm::probe_vm(&data_dir, kernel.as_deref(), &init, forced);
+        let vm = crate::serve::LocalVm::from_env();
+        let probe = vm.probe();
         if !probe.available {
             bail!("the vm driver is not available: {}", probe.detail);
         }
         Ok(VmBaseline {
-            data_dir,
-            kernel,
-            init,
+            vm,
             accel: probe.accel,
             work: tempfile::tempdir()?,
         })
@@ -73,9 +64,9 @@ impl VmBaseline {
 
     fn sample(&self) -> anyhow::Result<hangar_sandbox::vm::baseline::Sample> {
         hangar_sandbox::vm::baseline::sample(
-            &self.data_dir,
-            self.kernel.as_deref(),
-            &self.init,
+            &self.vm.data_dir,
+            self.vm.kernel.as_deref(),
+            &self.vm.init,
             self.accel,
             512,
             self.work.path(),

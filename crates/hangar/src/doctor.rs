@@ -3,18 +3,7 @@
 use std::process::ExitCode;
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
-    let data_dir = crate::default_data_dir();
-    let init = std::env::var_os("HANGAR_INIT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::current_exe()
-                .unwrap_or_default()
-                .with_file_name("hangar-init")
-        });
-    let kernel = std::env::var_os("HANGAR_VM_KERNEL").map(std::path::PathBuf::from);
-    let accel = crate::serve::vm_accel(&std::env::var("HANGAR_VM_ACCEL").unwrap_or_default());
-    let vm = hangar_sandbox::vm::probe_vm(&data_dir, kernel.as_deref(), &init, accel);
-    let probe = hangar_sandbox::probe_host(&vm);
+    let probe = hangar_sandbox::probe_host(&crate::serve::LocalVm::from_env().probe());
     if json {
         println!("{}", serde_json::to_string_pretty(&probe)?);
     } else {

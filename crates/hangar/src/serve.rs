@@ -40,6 +40,42 @@ pub struct ServeArgs {
     vm_accel: String,
 }
 
+/// The `vm` driver's setup as commands other than `serve` see it (`doctor`, `bench`): the
+/// default data directory, `hangar-init` beside this binary, and the same environment
+/// variables `serve` reads for its flags.
+pub struct LocalVm {
+    pub data_dir: PathBuf,
+    pub init: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub forced: Option<hangar_sandbox::vm::qemu::Accel>,
+}
+
+impl LocalVm {
+    pub fn from_env() -> LocalVm {
+        LocalVm {
+            data_dir: crate::default_data_dir(),
+            init: std::env::var_os("HANGAR_INIT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    std::env::current_exe()
+                        .unwrap_or_default()
+                        .with_file_name("hangar-init")
+                }),
+            kernel: std::env::var_os("HANGAR_VM_KERNEL").map(PathBuf::from),
+            forced: vm_accel(&std::env::var("HANGAR_VM_ACCEL").unwrap_or_default()),
+        }
+    }
+
+    pub fn probe(&self) -> hangar_sandbox::vm::probe::VmProbe {
+        hangar_sandbox::vm::probe_vm(
+            &self.data_dir,
+            self.kernel.as_deref(),
+            &self.init,
+            self.forced,
+        )
+    }
+}
+
 /// `--vm-accel` as the sandbox crate takes it.
 pub fn vm_accel(s: &str) -> Option<hangar_sandbox::vm::qemu::Accel> {
     match s {

@@ -63,7 +63,7 @@ pub fn sample(
             if qemu.pid(&spec).is_none() || t.elapsed() > Duration::from_secs(60) {
                 return Err(format!(
                     "the raw VM did not reach /init: {}",
-                    super::tail(&spec.console, 5)
+                    crate::driver::log_tail(&spec.console, 5)
                 ));
             }
             std::thread::sleep(Duration::from_millis(1));

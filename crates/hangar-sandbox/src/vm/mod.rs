@@ -63,9 +63,9 @@ pub fn probe_vm(
 const COMPLETE: &str = "hangar-complete";
 /// Marks a snapshot whose files are on disk (restorable after a host crash too).
 const DURABLE: &str = "hangar-durable";
-/// How long the first link connection may take: the whole boot (about 2.5 s under TCG); the
-/// same as the manager's readiness deadline.
-const BOOT_LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first link connection may take: the whole boot (about 2.5 s under TCG), as
+/// long as the manager waits for the sandbox to be ready.
+const BOOT_LINK_TIMEOUT: Duration = crate::manager::READY_TIMEOUT;
 
 /// How the `vm` driver is set up.
 #[derive(Debug, Clone)]
@@ -266,10 +266,7 @@ impl VmDriver {
     /// Sets the restored guest's clock, which stood still while it was suspended.
     fn sync_clock(&self, sb: &SandboxSpec) {
         let sock = sb.layout.control_socket();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !sock.exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_file(&sock, Duration::from_secs(10));
         let link = InitLink::new(sock, sb.init.secret.clone());
         if let Err(e) =
             tokio::runtime::Handle::current().block_on(link.set_clock(std::time::SystemTime::now()))
@@ -346,6 +343,18 @@ fn host_tsc_khz() -> Option<u64> {
     })
 }
 
+/// Waits until `path` exists; false after `limit`.
+fn wait_for_file(path: &Path, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !path.exists() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 /// An I/O error on `path`, naming it.
 fn at(path: &Path, e: std::io::Error) -> DriverError {
     DriverError::Other(format!("{}: {e}", path.display()))
@@ -387,7 +396,7 @@ fn make_durable(files: Vec<PathBuf>, dir: PathBuf) {
 
 /// A VMM that would not start, with what the guest printed (it may have got that far).
 fn boot_failure(e: &qemu::VmmError, console: &Path) -> String {
-    let tail = tail(console, 15);
+    let tail = crate::driver::log_tail(console, 15);
     if tail.is_empty() {
         format!("the VM did not start: {}", crate::error_chain(e))
     } else {
@@ -396,22 +405,6 @@ fn boot_failure(e: &qemu::VmmError, console: &Path) -> String {
             crate::error_chain(e)
         )
     }
-}
-
-/// The last `lines` lines of a log, reading at most its last 64 KiB (a guest can make its
-/// console as large as it likes).
-pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.take(64 * 1024).read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Writes `base` followed by `extra` to `dest`, readable by the owner only.
@@ -552,12 +545,9 @@ impl Driver for VmDriver {
             let spec = self.spec(sb, &boot);
             if self.vmm.pid(&spec).is_some() {
                 self.start_bridge(sb, &spec, Duration::from_secs(10));
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while std::time::Instant::now() < deadline {
-                    if sb.layout.control_socket().exists() {
-                        return Ok(Recovered::Adopted);
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
+                // The bridge binds control.sock once the guest answers on the link.
+                if wait_for_file(&sb.layout.control_socket(), Duration::from_secs(10)) {
+                    return Ok(Recovered::Adopted);
                 }
                 tracing::warn!(sandbox = %sb.layout.id, "the running VM does not answer; restarting it");
             }

@@ -196,7 +196,7 @@ fn boot_probe(qemu: &Qemu, kernel: &Kernel, input: &ProbeInput) -> Result<Durati
                 return Ok(t0.elapsed());
             }
             if qemu.pid(&spec).is_none() {
-                let tail = super::tail(&spec.console, 3);
+                let tail = crate::driver::log_tail(&spec.console, 3);
                 return Err(format!("the probe VM stopped before /init ran: {tail}"));
             }
             if t0.elapsed() > PROBE_LIMIT {

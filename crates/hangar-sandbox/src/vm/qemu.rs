@@ -100,11 +100,14 @@ pub trait Vmm: Send + Sync {
 
 pub struct Qemu {
     binary: PathBuf,
+    /// `binary` with its links resolved: what `/proc/<pid>/exe` of its processes shows.
+    exe: PathBuf,
 }
 
 impl Qemu {
     pub fn new(binary: PathBuf) -> Qemu {
-        Qemu { binary }
+        let exe = std::fs::canonicalize(&binary).unwrap_or_else(|_| binary.clone());
+        Qemu { binary, exe }
     }
 
     /// `qemu-system-x86_64` on `PATH`, if installed.
@@ -333,7 +336,7 @@ impl Vmm for Qemu {
         // QEMU answers `quit` and closes the socket as it exits.
         let _ = qmp.execute("quit", json!({}));
         if let Some(pid) = pid {
-            if !wait_gone(pid, Duration::from_secs(10)) {
+            if !crate::reaper::wait_reaped(pid, Duration::from_secs(10)) {
                 self.kill(vm);
             }
         }
@@ -391,13 +394,13 @@ impl Vmm for Qemu {
         // Both the executable and the `-name` argument, so that a pid reused by another
         // process (a `grep` naming the sandbox, say) is never taken for it.
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        if std::fs::canonicalize(&self.binary).ok().as_deref() != Some(exe.as_path()) {
+        if exe != self.exe {
             return None;
         }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let mut args = cmdline.split(|b| *b == 0);
         let ours = args.any(|arg| arg == b"-name") && args.next() == Some(vm.name.as_bytes());
-        (ours && !is_zombie(pid)).then_some(pid)
+        (ours && !crate::reaper::is_zombie(pid)).then_some(pid)
     }
 
     fn kill(&self, vm: &VmSpec) {
@@ -406,7 +409,7 @@ impl Vmm for Qemu {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            wait_gone(pid, Duration::from_secs(10));
+            crate::reaper::wait_reaped(pid, Duration::from_secs(10));
         }
         let _ = std::fs::remove_file(&vm.pidfile);
         let _ = std::fs::remove_file(&vm.qmp);
@@ -415,16 +418,6 @@ impl Vmm for Qemu {
         }
         super::cgroup::Cgroup::of(&vm.name).remove();
     }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
-        })
-        .unwrap_or(true)
 }
 
 /// With the VM stopped: migrates its device state into `state` and waits until it is written.
@@ -459,18 +452,6 @@ fn save_device_state(qmp: &mut Qmp, state: &Path) -> Result<(), VmmError> {
             _ => std::thread::sleep(Duration::from_millis(1)),
         }
     }
-}
-
-/// Waits until `pid` is gone or a zombie (the reaper collects it); false on timeout.
-fn wait_gone(pid: i32, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    false
 }
 
 /// The descriptor numbers (read-write, read-only) disk `i` is handed to QEMU at; far above
