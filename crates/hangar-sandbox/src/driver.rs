@@ -197,6 +197,12 @@ pub trait Driver: Send + Sync {
     /// Files under the layout are left for the caller to remove.
     fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError>;
 
+    /// Refuses resources this driver cannot give a sandbox (beyond the checks every driver
+    /// shares), with a message saying what would work.
+    fn check_resources(&self, _resources: &Resources) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Files besides the volume and the checkpoint directory that a suspended sandbox keeps
     /// (a VM's RAM file), so that the checkpoint's size and hash cover them.
     fn kept_files(&self, _sb: &SandboxSpec) -> Vec<PathBuf> {

@@ -313,6 +313,9 @@ impl Sandboxes {
                 "command must not be empty; omit it to use the image's".into(),
             ));
         }
+        self.driver(kind)?
+            .check_resources(r)
+            .map_err(SandboxError::Invalid)?;
         EgressPolicy::new(&req.egress, vec![]).map_err(SandboxError::Invalid)?;
         let path = PathBuf::from(&req.image);
         let images = self.inner.images.clone();

@@ -160,3 +160,34 @@ fn the_vmm_runs_confined() {
     assert_eq!(s.sh(&id, "echo ok"), "ok\n");
     s.delete(&id);
 }
+
+/// Resources a VM cannot have are refused up front, clearly, and create nothing.
+#[test]
+fn resources_a_vm_cannot_have_are_refused() {
+    require_vm();
+    let rootfs = Rootfs::busybox();
+    let s = Server::start();
+    for (resources, expect) in [
+        (json!({"memory_mib": 64}), "memory_mib >= 128"),
+        (json!({"cpus": 200}), "more than this host's"),
+    ] {
+        let r = s.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(&json!({"driver": "vm", "image": rootfs.path(), "resources": resources})),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains(expect), "{msg}");
+    }
+    assert_eq!(
+        s.call("GET", "/v1/sandboxes", None).json()["sandboxes"],
+        json!([])
+    );
+    assert_eq!(
+        std::fs::read_dir(s.data.path().join("sandboxes"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

@@ -58,6 +58,9 @@ pub fn probe_vm(
     })
 }
 
+/// The least memory a VM boots in: the kernel, and the initramfs unpacked from the initrd.
+const MIN_MEMORY_MIB: u64 = 128;
+
 /// Marks a device-state file as complete (a suspend that died half-way is never restored);
 /// holds the host's boot id.
 const COMPLETE: &str = "hangar-complete";
@@ -529,6 +532,24 @@ impl Driver for VmDriver {
     fn destroy(&self, sb: &SandboxSpec) -> Result<(), DriverError> {
         self.stop_bridge(sb);
         self.vmm.kill(&self.any_spec(sb));
+        Ok(())
+    }
+
+    fn check_resources(&self, r: &hangar_proto::sandbox::Resources) -> Result<(), String> {
+        if r.memory_mib < MIN_MEMORY_MIB {
+            return Err(format!(
+                "the vm driver needs memory_mib >= {MIN_MEMORY_MIB} (the guest kernel and its initramfs live in it), not {}",
+                r.memory_mib
+            ));
+        }
+        let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let vcpus = r.cpus.ceil() as usize;
+        if vcpus > host {
+            return Err(format!(
+                "cpus {} would give the VM {vcpus} vCPUs, more than this host's {host}",
+                r.cpus
+            ));
+        }
         Ok(())
     }
 
