@@ -114,10 +114,6 @@ impl VmDriver {
         }
     }
 
-    pub fn accel(&self) -> Accel {
-        self.cfg.accel
-    }
-
     fn vm_dir(sb: &SandboxSpec) -> PathBuf {
         sb.layout.dir.join("vm")
     }
