@@ -7,7 +7,7 @@ mod agent_yaml;
 mod agents_cmd;
 mod bench;
 mod bench_agents;
-#[allow(dead_code)] // issue 5, work in progress: wired to `hangar check` next
+mod check;
 mod check_rules;
 mod client;
 mod doctor;
@@ -51,6 +51,8 @@ enum Command {
     Deploy(agents_cmd::DeployArgs),
     /// Send one message to an agent and print its answer as it streams.
     Invoke(agents_cmd::InvokeArgs),
+    /// Run the OpenResponses conformance cases against a deployed agent.
+    Check(check::CheckArgs),
     /// Talk to an agent interactively (one session, each turn chained on the last).
     Chat {
         agent: String,
@@ -105,6 +107,7 @@ fn main() -> std::process::ExitCode {
             Command::Invoke(args) => {
                 agents_cmd::invoke(&client::Client::new(&cli.url)?, args).await
             }
+            Command::Check(args) => check::run(&client::Client::new(&cli.url)?, args).await,
             Command::Chat {
                 agent,
                 user,
