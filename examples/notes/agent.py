@@ -7,6 +7,11 @@ It speaks OpenResponses (the OpenAI Responses API) on port 8088 (``PORT`` overri
   user message it appends ``X`` as a line to ``~/notes.txt`` and answers ``noted (N notes)``; for any
   other text it answers with every note, one per line, or ``no notes yet``. The notes file is its only
   state, so its answers show whether the session's files survived.
+  Client function tools (deterministic, no model): when the request offers ``tools`` of type
+  ``function`` and the user's text names one of them (``... use get_weather with city=Paris``), the
+  output is one ``function_call`` item whose arguments are the ``key=value`` pairs of the text; a
+  later ``function_call_output`` item is answered with ``<tool> returned: <output>``. Neither touches
+  the notes.
 * ``GET /responses/{id}`` (``?stream=true`` replays the events), ``DELETE /responses/{id}``,
   ``POST /responses/{id}/cancel``, ``GET /responses/{id}/input_items`` — responses are kept as JSON
   under ``~/.responses/`` so they survive a restart of the process.
@@ -189,7 +194,15 @@ def normalize_input(raw):
             item["type"] = "message"
             item["content"] = content
             item.setdefault("status", "completed")
-        item.setdefault("id", new_id("msg"))
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str) or not item["call_id"]:
+                raise ApiError(400, f"Missing required parameter: 'input[{i}].call_id'.",
+                               code="missing_required_parameter", param=f"input[{i}].call_id")
+            if "output" not in item:
+                raise ApiError(400, f"Missing required parameter: 'input[{i}].output'.",
+                               code="missing_required_parameter", param=f"input[{i}].output")
+            item.setdefault("status", "completed")
+        item.setdefault("id", new_id({"function_call": "fc", "function_call_output": "fco"}.get(kind, "msg")))
         items.append(item)
     return items
 
@@ -199,6 +212,129 @@ def last_user_text(items):
         if item.get("type") == "message" and item.get("role") == "user":
             return content_text(item.get("content"))
     return ""
+
+
+# -- client function tools (deterministic: the user's text says which tool and which arguments) ----
+
+KV_RE = re.compile(r"(?<![\w-])([A-Za-z_][\w-]*)=(\S+)")
+
+
+def function_tools(tools):
+    """The request's function tools, by name, in order ({"type":"function","name":...,"parameters":...};
+    the Chat Completions nesting {"type":"function","function":{...}} is accepted too)."""
+    out = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        spec = tool if isinstance(tool.get("name"), str) else tool.get("function")
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"]:
+            params = spec.get("parameters") if isinstance(spec.get("parameters"), dict) else {}
+            out.setdefault(spec["name"], params)
+    return out
+
+
+def pick_tool(req, text):
+    """(name, parameters) of the function tool to call for this request, or None.
+
+    ``tool_choice: "none"`` never calls; ``{"type":"function","name":N}`` calls N; otherwise the tool
+    whose name appears first in the text (as a whole word), or, for ``"required"``, the first tool."""
+    tools = function_tools(req.get("tools"))
+    if not tools:
+        return None
+    choice = req.get("tool_choice", "auto")
+    if choice == "none":
+        return None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if name in tools:
+            return name, tools[name]
+    best = None
+    for name, params in tools.items():
+        m = re.search(r"(?<![A-Za-z0-9_-])" + re.escape(name) + r"(?![A-Za-z0-9_-])", text)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), name, params)
+    if best:
+        return best[1], best[2]
+    if choice == "required":
+        name = next(iter(tools))
+        return name, tools[name]
+    return None
+
+
+def _types(schema):
+    t = schema.get("type") if isinstance(schema, dict) else None
+    return set(t) if isinstance(t, list) else {t}
+
+
+def coerce(value, schema):
+    """A key=value value as the property's JSON type (integer, number, boolean), else the string."""
+    types = _types(schema)
+    if "integer" in types and re.fullmatch(r"-?\d+", value):
+        return int(value)
+    if "number" in types and re.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?", value):
+        return float(value) if re.search(r"[.eE]", value) else int(value)
+    if "boolean" in types and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def tool_arguments(text, params):
+    """The arguments object for a call: key=value pairs of the text whose key is a property (the value
+    is the run of non-space characters, trailing .,;!? dropped); each required string property still
+    missing gets the rest of the text (the text without those pairs)."""
+    props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+    args, spans = {}, []
+    for m in KV_RE.finditer(text):
+        key, value = m.group(1), m.group(2).rstrip(".,;!?")
+        if key in props:
+            spans.append(m.span())
+            if value and key not in args:
+                args[key] = coerce(value, props[key])
+    rest = text
+    for start, end in reversed(spans):
+        rest = rest[:start] + " " + rest[end:]
+    rest = " ".join(rest.split())
+    required = params.get("required") if isinstance(params.get("required"), list) else []
+    for key in required:
+        if key in props and key not in args and _types(props[key]) & {"string", None}:
+            args[key] = rest
+    return args
+
+
+def function_call_item(name, arguments, status="completed"):
+    return {"type": "function_call", "id": new_id("fc"), "call_id": new_id("call"), "name": name,
+            "arguments": arguments, "status": status}
+
+
+def tool_outputs(items):
+    """The function_call_output items after the last user message (the turn being answered), or []."""
+    out = []
+    for item in reversed(items):
+        if item.get("type") == "function_call_output":
+            out.append(item)
+        elif item.get("type") == "message" and item.get("role") == "user":
+            break
+    return list(reversed(out))
+
+
+def tool_output_answer(outputs, items, prev_record):
+    """``<tool> returned: <output>`` for each output, the tool's name found by call_id among the
+    function_call items of the previous response (its output, then its input) and of this input."""
+    names = {}
+    sources = []
+    if prev_record:
+        sources += prev_record.get("input_items") or []
+        sources += prev_record.get("response", {}).get("output") or []
+    sources += items
+    for item in sources:
+        if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("name"), str):
+            names[item.get("call_id")] = item["name"]
+    lines = []
+    for item in outputs:
+        out = item.get("output")
+        out = out if isinstance(out, str) else content_text(out) if isinstance(out, list) else json.dumps(out)
+        lines.append(f"{names.get(item['call_id'], 'the tool')} returned: {out}")
+    return "\n".join(lines)
 
 
 def answer_for(text):
@@ -219,7 +355,7 @@ def words(text):
     return len(text.split())
 
 
-def build_response(req, response_id, created_at, status, message=None, usage=None):
+def build_response(req, response_id, created_at, status, item=None, usage=None):
     conversation = req.get("conversation")
     if isinstance(conversation, str):
         conversation = {"id": conversation}
@@ -241,7 +377,7 @@ def build_response(req, response_id, created_at, status, message=None, usage=Non
         "max_output_tokens": req.get("max_output_tokens"),
         "max_tool_calls": req.get("max_tool_calls"),
         "model": req.get("model") if isinstance(req.get("model"), str) and req.get("model") else DEFAULT_MODEL,
-        "output": [message] if message else [],
+        "output": [item] if item else [],
         "parallel_tool_calls": req.get("parallel_tool_calls", True) is not False,
         "previous_response_id": req.get("previous_response_id"),
         "prompt_cache_key": None,
@@ -283,8 +419,33 @@ def chunks(text, n=4):
     return ["".join(pieces[i:i + size]) for i in range(0, len(pieces), size)]
 
 
+def split_n(text, n):
+    """Split text into n pieces of (about) equal length, at least 2 when text has 2+ characters."""
+    n = max(2, min(n, len(text)))
+    size = max(1, -(-len(text) // n))
+    return [text[i:i + size] for i in range(0, len(text), size)] or [text]
+
+
+def function_call_events(final, item):
+    base = {**final, "status": "in_progress", "completed_at": None, "output": [], "usage": None}
+    ids = {"item_id": item["id"], "output_index": 0}
+    yield {"type": "response.created", "response": base}
+    yield {"type": "response.in_progress", "response": base}
+    yield {"type": "response.output_item.added", "output_index": 0,
+           "item": {**item, "arguments": "", "status": "in_progress"}}
+    for piece in split_n(item["arguments"], min(4, 1 + len(item["arguments"]) // 8)):
+        yield {"type": "response.function_call_arguments.delta", **ids, "delta": piece}
+    yield {"type": "response.function_call_arguments.done", **ids, "arguments": item["arguments"],
+           "name": item["name"]}
+    yield {"type": "response.output_item.done", "output_index": 0, "item": item}
+    yield {"type": "response.completed", "response": final}
+
+
 def stream_events(final):
     """The OpenResponses event sequence (without sequence numbers) for a completed response."""
+    if final["output"] and final["output"][0].get("type") == "function_call":
+        yield from function_call_events(final, final["output"][0])
+        return
     msg = final["output"][0]
     text = msg["content"][0]["text"]
     base = {**final, "status": "in_progress", "completed_at": None, "output": [], "usage": None}
@@ -500,8 +661,10 @@ class Handler(BaseHTTPRequestHandler):
                            param="input")
         items = normalize_input(req.get("input"))
         prev = req.get("previous_response_id")
+        prev_record = None
         if prev is not None:
-            if not isinstance(prev, str) or store_get(prev) is None:
+            prev_record = store_get(prev) if isinstance(prev, str) else None
+            if prev_record is None:
                 raise ApiError(400, f"Previous response with id '{prev}' not found.",
                                code="previous_response_not_found", param="previous_response_id")
         response_id = (self.headers.get("x-agent-response-id") or "").strip()
@@ -515,9 +678,21 @@ class Handler(BaseHTTPRequestHandler):
         created_at = int(time.time())
 
         text = last_user_text(items)
-        answer = answer_for(text)  # the note (if any) is durable before anything is sent
-        final = build_response(req, response_id, created_at, "completed",
-                               output_message(new_id("msg"), answer), usage_for(text, answer))
+        outputs = tool_outputs(items)
+        tool = None if outputs else pick_tool(req, text)
+        if outputs:  # the client ran a tool we asked for: report its result, notes untouched
+            answer = tool_output_answer(outputs, items, prev_record)
+            final = build_response(req, response_id, created_at, "completed",
+                                   output_message(new_id("msg"), answer),
+                                   usage_for(" ".join(str(o.get("output")) for o in outputs), answer))
+        elif tool:  # ask the client to run a tool, notes untouched
+            arguments = json.dumps(tool_arguments(text, tool[1]), separators=(",", ":"))
+            final = build_response(req, response_id, created_at, "completed",
+                                   function_call_item(tool[0], arguments), usage_for(text, arguments))
+        else:
+            answer = answer_for(text)  # the note (if any) is durable before anything is sent
+            final = build_response(req, response_id, created_at, "completed",
+                                   output_message(new_id("msg"), answer), usage_for(text, answer))
         if final["store"]:
             with _state_lock:
                 store_put({"response": final, "input_items": items})
@@ -543,7 +718,8 @@ class Handler(BaseHTTPRequestHandler):
             if seq <= starting_after:
                 continue
             event["sequence_number"] = seq
-            if delay_ms and event["type"] == "response.output_text.delta":
+            if delay_ms and event["type"] in ("response.output_text.delta",
+                                              "response.function_call_arguments.delta"):
                 time.sleep(delay_ms / 1000)
             data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode("utf-8")
             self.wfile.write(data)  # wfile is unbuffered: each event leaves now

@@ -15,6 +15,7 @@
 mod agent_link;
 mod error;
 mod scheduler;
+mod secrets;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -27,10 +28,11 @@ use tokio::sync::Mutex;
 use hangar_proto::agent::{Agent, AgentSpec, DeployRequest, Session, SessionState, Version};
 use hangar_proto::sandbox::{Checkpoint, CreateSandbox, Egress, SandboxState};
 use hangar_sandbox::{SandboxError, Sandboxes};
-use hangar_store::{RefKind, SessionRow, Store, VersionRow};
+use hangar_store::{RefKind, SessionRow, Store, ThreadKey, ThreadRow, VersionRow};
 
 pub use agent_link::{connect, BoxError};
 pub use error::{AgentsError, ErrorSource};
+pub use secrets::{SecretKey, MAX_SECRET};
 
 /// Node-wide settings of the session service.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct Config {
     pub max_running: usize,
     /// How often the scheduler looks for idle and expired sessions.
     pub tick: Duration,
+    /// Seals agent secrets at rest; without it, secrets cannot be set or used.
+    pub secrets_key: Option<SecretKey>,
 }
 
 impl Default for Config {
@@ -47,6 +51,7 @@ impl Default for Config {
         Config {
             max_running: 64,
             tick: Duration::from_millis(500),
+            secrets_key: None,
         }
     }
 }
@@ -114,6 +119,14 @@ impl Drop for Lease {
         self.live.touch();
         self.live.inflight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A mapped protocol's conversation, routed to its session: where its chain of responses has
+/// got to, so that the next turn continues it.
+pub struct Thread {
+    pub lease: Lease,
+    pub last_response_id: Option<String>,
+    pub last_message_id: Option<String>,
 }
 
 /// How a data-plane request names its session.
@@ -791,6 +804,95 @@ impl Agents {
             .await?;
         }
         Ok((lease, true))
+    }
+
+    /// The session of a mapped protocol's conversation (`protocol` is `ag-ui` or `activity`),
+    /// running; a conversation seen for the first time, or whose session is gone, gets a new
+    /// session.
+    pub async fn route_thread(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        protocol: &str,
+        thread: &str,
+    ) -> Result<Thread, AgentsError> {
+        let key = ThreadKey {
+            agent,
+            isolation_key,
+            protocol,
+            thread,
+        };
+        if let Some(row) = self.inner.store.thread(&key).await? {
+            if self.live(&row.session_id).is_some() {
+                match self.acquire(agent, &row.session_id, isolation_key).await {
+                    Ok(lease) => {
+                        return Ok(Thread {
+                            lease,
+                            last_response_id: row.last_response_id,
+                            last_message_id: row.last_message_id,
+                        })
+                    }
+                    Err(AgentsError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let (_, lease) = self
+            .spawn_new_session(agent, isolation_key, None, true)
+            .await?;
+        let lease = lease.expect("a lease was asked for");
+        let row = ThreadRow {
+            session_id: lease.session_id.clone(),
+            last_response_id: None,
+            last_message_id: None,
+        };
+        self.inner
+            .store
+            .put_thread(&key, &row, &now_rfc3339())
+            .await?;
+        Ok(Thread {
+            lease,
+            last_response_id: None,
+            last_message_id: None,
+        })
+    }
+
+    /// Records where a mapped conversation stands after a turn in `session`.
+    pub async fn thread_turn(
+        &self,
+        agent: &str,
+        isolation_key: &str,
+        protocol: &str,
+        thread: &str,
+        row: &ThreadRow,
+    ) -> Result<(), AgentsError> {
+        let key = ThreadKey {
+            agent,
+            isolation_key,
+            protocol,
+            thread,
+        };
+        self.inner
+            .store
+            .put_thread(&key, row, &now_rfc3339())
+            .await?;
+        Ok(())
+    }
+
+    /// The spec of an agent's newest version: where per-agent settings (its channels) come
+    /// from.
+    pub async fn latest_spec(&self, agent: &str) -> Result<AgentSpec, AgentsError> {
+        self.require_agent(agent).await?;
+        let newest = self
+            .inner
+            .store
+            .versions(agent)
+            .await?
+            .into_iter()
+            .map(|v| v.number)
+            .max()
+            .ok_or_else(|| AgentsError::NotFound(format!("agent {agent:?} has no versions")))?;
+        Ok(self.version_info(agent, newest).await?.spec.clone())
     }
 
     /// The session that made response `response`, running, for `GET/DELETE .../responses/{id}`.

@@ -394,3 +394,47 @@ pub async fn logs(
     )
         .into_response())
 }
+
+/// Secrets are the operator's: a caller acting as one end user never sees or sets them.
+fn operator_only(headers: &HeaderMap) -> Result<(), ApiError> {
+    if asserted_user(headers)?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("secrets are managed by operators, not as an end user ({USER_HEADER})"),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn list_secrets(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    operator_only(&headers)?;
+    let secrets = st.agents.secrets(&name).await?;
+    Ok(Json(serde_json::json!({ "secrets": secrets })).into_response())
+}
+
+/// `PUT /v1/agents/{name}/secrets/{secret}`: the body is the value, as is.
+pub async fn put_secret(
+    State(st): State<AppState>,
+    Path((name, secret)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    operator_only(&headers)?;
+    let info = st.agents.set_secret(&name, &secret, &body).await?;
+    Ok(Json(info).into_response())
+}
+
+pub async fn delete_secret(
+    State(st): State<AppState>,
+    Path((name, secret)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    operator_only(&headers)?;
+    st.agents.delete_secret(&name, &secret).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

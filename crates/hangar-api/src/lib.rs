@@ -89,6 +89,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/agents/{name}/traffic",
             get(agents::get_traffic).put(agents::set_traffic),
         )
+        .route("/v1/agents/{name}/secrets", get(agents::list_secrets))
+        .route(
+            "/v1/agents/{name}/secrets/{secret}",
+            axum::routing::put(agents::put_secret).delete(agents::delete_secret),
+        )
         .route(
             "/v1/agents/{name}/sessions",
             get(agents::list_sessions).post(agents::create_session),

@@ -45,6 +45,9 @@ pub struct AgentSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub network: Network,
+    /// How users reach the agent over protocols it does not implement itself.
+    #[serde(default, skip_serializing_if = "Channels::is_empty")]
+    pub channels: Channels,
 }
 
 fn default_protocols() -> Vec<Protocol> {
@@ -100,6 +103,9 @@ impl AgentSpec {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(format!("env key {k:?} is not a valid variable name"));
             }
+        }
+        if let Some(a) = &self.channels.activity {
+            a.validate()?;
         }
         Ok(())
     }
@@ -221,6 +227,125 @@ impl AgentResources {
 pub struct Network {
     pub egress: EgressPolicyKind,
     pub allow: Vec<String>,
+}
+
+/// `channels:` in agent.yaml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Channels {
+    /// The Bot Framework / Microsoft 365 Activity Protocol at `/agents/{name}/api/messages`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity: Option<ActivityChannel>,
+}
+
+impl Channels {
+    pub fn is_empty(&self) -> bool {
+        self.activity.is_none()
+    }
+}
+
+/// The Bot Framework registration an agent answers Activity Protocol calls as.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityChannel {
+    /// The bot's Microsoft App ID: the audience of the channel's tokens, and the client id
+    /// of the token Hangar gets to reply.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app_id: String,
+    /// The Entra tenant of a single-tenant bot; multi-tenant bots use `botframework.com`.
+    #[serde(default = "default_bot_tenant")]
+    pub tenant: String,
+    /// The name of the agent secret (`hangar secrets set`) holding the app's client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// Where the reply token comes from (OAuth client credentials). Default:
+    /// `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_endpoint: Option<String>,
+    #[serde(default = "default_bot_scope")]
+    pub scope: String,
+    /// The OpenID configuration naming the keys that sign the channel's tokens.
+    #[serde(default = "default_bot_openid")]
+    pub openid_metadata: String,
+    /// The issuer of the channel's tokens.
+    #[serde(default = "default_bot_issuer")]
+    pub issuer: String,
+    /// Accept requests that carry no credentials at all (local testing only).
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+fn default_bot_tenant() -> String {
+    "botframework.com".into()
+}
+fn default_bot_scope() -> String {
+    "https://api.botframework.com/.default".into()
+}
+fn default_bot_openid() -> String {
+    "https://login.botframework.com/v1/.well-known/openidconfiguration".into()
+}
+fn default_bot_issuer() -> String {
+    "https://api.botframework.com".into()
+}
+
+impl ActivityChannel {
+    /// The token endpoint, defaulted from the tenant.
+    pub fn token_endpoint(&self) -> String {
+        self.token_endpoint.clone().unwrap_or_else(|| {
+            format!(
+                "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                self.tenant
+            )
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.app_id.is_empty() && !self.anonymous {
+            return Err(
+                "channels.activity.app_id is required (the bot's Microsoft App ID), unless anonymous: true"
+                    .into(),
+            );
+        }
+        for (key, url) in [
+            ("openid_metadata", Some(self.openid_metadata.as_str())),
+            ("token_endpoint", self.token_endpoint.as_deref()),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(format!(
+                        "channels.activity.{key} must be an http(s) URL, not {url:?}"
+                    ));
+                }
+            }
+        }
+        if let Some(s) = &self.client_secret {
+            valid_secret_name(s).map_err(|e| format!("channels.activity.client_secret: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Secret names: letters, digits, `_`, `-` and `.`, 1 to 128 characters.
+pub fn valid_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a secret name (letters, digits, `_`, `-` and `.`, at most 128)"
+        ))
+    }
+}
+
+/// `GET /v1/agents/{name}/secrets`: names and when they were set, never values.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub updated_at: String,
 }
 
 const MIB: u64 = 1024 * 1024;

@@ -103,6 +103,22 @@ impl RefKind {
     }
 }
 
+/// Names a mapped protocol's conversation: per agent, isolation key and protocol.
+pub struct ThreadKey<'a> {
+    pub agent: &'a str,
+    pub isolation_key: &'a str,
+    /// `ag-ui` or `activity`.
+    pub protocol: &'a str,
+    pub thread: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadRow {
+    pub session_id: String,
+    pub last_response_id: Option<String>,
+    pub last_message_id: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -281,10 +297,12 @@ impl Store {
     /// deletes the sessions' sandboxes first.
     pub async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM refs WHERE agent = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        for table in ["refs", "threads", "secrets"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE agent = ?"))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query("DELETE FROM sessions WHERE agent = ?")
             .bind(name)
             .execute(&mut *tx)
@@ -548,6 +566,106 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| r.get("session_id")))
+    }
+
+    /// The session and chain position of a mapped protocol's conversation.
+    pub async fn thread(
+        &self,
+        key: &ThreadKey<'_>,
+    ) -> Result<Option<ThreadRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT session_id, last_response_id, last_message_id FROM threads
+             WHERE agent = ? AND isolation_key = ? AND protocol = ? AND thread = ?",
+        )
+        .bind(key.agent)
+        .bind(key.isolation_key)
+        .bind(key.protocol)
+        .bind(key.thread)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| ThreadRow {
+            session_id: r.get("session_id"),
+            last_response_id: r.get("last_response_id"),
+            last_message_id: r.get("last_message_id"),
+        }))
+    }
+
+    /// Records where a conversation stands after a turn (or binds it to a new session).
+    pub async fn put_thread(
+        &self,
+        key: &ThreadKey<'_>,
+        row: &ThreadRow,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO threads (agent, isolation_key, protocol, thread, session_id, last_response_id, last_message_id, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (agent, isolation_key, protocol, thread) DO UPDATE SET
+                session_id = excluded.session_id, last_response_id = excluded.last_response_id,
+                last_message_id = excluded.last_message_id, updated_at = excluded.updated_at",
+        )
+        .bind(key.agent)
+        .bind(key.isolation_key)
+        .bind(key.protocol)
+        .bind(key.thread)
+        .bind(&row.session_id)
+        .bind(&row.last_response_id)
+        .bind(&row.last_message_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn put_secret(
+        &self,
+        agent: &str,
+        name: &str,
+        sealed: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO secrets (agent, name, sealed, updated_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (agent, name) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+        )
+        .bind(agent)
+        .bind(name)
+        .bind(sealed)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The sealed value of a secret.
+    pub async fn secret(&self, agent: &str, name: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT sealed FROM secrets WHERE agent = ? AND name = ?")
+            .bind(agent)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get("sealed")))
+    }
+
+    /// Names and update times of an agent's secrets, by name.
+    pub async fn secrets(&self, agent: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT name, updated_at FROM secrets WHERE agent = ? ORDER BY name")
+            .bind(agent)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("name"), r.get("updated_at")))
+            .collect())
+    }
+
+    pub async fn delete_secret(&self, agent: &str, name: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM secrets WHERE agent = ? AND name = ?")
+            .bind(agent)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 }
 

@@ -563,6 +563,8 @@ enum Ty {
     /// One of these strings.
     Enum(&'static [&'static str]),
     List(&'static Ty),
+    /// `true` or `false`.
+    Bool,
     /// A mapping of strings to strings (`env`).
     StrMap,
     Struct(&'static [Field]),
@@ -606,6 +608,17 @@ const NETWORK: &[Field] = &[
     opt("egress", Ty::Enum(EGRESS)),
     opt("allow", Ty::List(&STRING)),
 ];
+const ACTIVITY: &[Field] = &[
+    opt("app_id", Ty::Str),
+    opt("tenant", Ty::Str),
+    opt("client_secret", Ty::Str),
+    opt("token_endpoint", Ty::Str),
+    opt("scope", Ty::Str),
+    opt("openid_metadata", Ty::Str),
+    opt("issuer", Ty::Str),
+    opt("anonymous", Ty::Bool),
+];
+const CHANNELS: &[Field] = &[opt("activity", Ty::Struct(ACTIVITY))];
 /// The top level of agent.yaml: the fields of [`AgentSpec`].
 const TOP: &[Field] = &[
     Field {
@@ -628,6 +641,7 @@ const TOP: &[Field] = &[
     opt("port", Ty::Port),
     opt("env", Ty::StrMap),
     opt("network", Ty::Struct(NETWORK)),
+    opt("channels", Ty::Struct(CHANNELS)),
 ];
 
 /// Every struct of the schema with its key path: `("", TOP)`, `("build", BUILD)`, ...
@@ -655,6 +669,7 @@ fn kind_name(ty: Ty) -> String {
         Ty::Duration => "a duration like 30s, 15m, 2h or 30d (or a number of seconds)".into(),
         Ty::Enum(values) => format!("one of {}", values.join(", ")),
         Ty::List(_) => "a list".into(),
+        Ty::Bool => "true or false".into(),
         Ty::StrMap => "a mapping of names to strings".into(),
         Ty::Struct(_) => "a mapping".into(),
     }
@@ -736,6 +751,10 @@ fn convert(
                     Err(e) => Err(Located::key(node.pos, path, format!("`{path}`: {e}"))),
                 }
             }
+            _ => Err(mismatch(node, ty, path)),
+        },
+        Ty::Bool => match scalar {
+            Some(Scalar::Bool(b)) => Ok(Value::Bool(b)),
             _ => Err(mismatch(node, ty, path)),
         },
         Ty::Enum(values) => match scalar {
@@ -979,6 +998,7 @@ network: { egress: allowlist, allow: ["pypi.org", "*.githubusercontent.com"] }  
                 egress: EgressPolicyKind::Allowlist,
                 allow: vec!["pypi.org".into(), "*.githubusercontent.com".into()],
             },
+            channels: Default::default(),
         };
         assert_eq!(spec, expected);
     }
@@ -1125,7 +1145,7 @@ description: |
             &format!("{MINIMAL}replicas: 3\n"),
             3,
             1,
-            &["unknown key `replicas`; expected one of name, description, build, protocols, isolation, resources, idle_timeout, session_retention, startup_timeout, port, env, network"],
+            &["unknown key `replicas`; expected one of name, description, build, protocols, isolation, resources, idle_timeout, session_retention, startup_timeout, port, env, network, channels"],
         );
         assert_err(
             &format!("{MINIMAL}<<: {{ port: 1 }}\n"),
@@ -1429,6 +1449,18 @@ description: |
                 rootfs: Some("r".into()),
             },
             env: [("A".to_string(), "b".to_string())].into(),
+            channels: hangar_proto::agent::Channels {
+                activity: Some(hangar_proto::agent::ActivityChannel {
+                    app_id: "a".into(),
+                    tenant: "t".into(),
+                    client_secret: Some("s".into()),
+                    token_endpoint: Some("https://t".into()),
+                    scope: "s".into(),
+                    openid_metadata: "https://o".into(),
+                    issuer: "i".into(),
+                    anonymous: true,
+                }),
+            },
             ..ok(MINIMAL)
         };
         let value = serde_json::to_value(&full).unwrap();

@@ -13,6 +13,7 @@ mod client;
 mod doctor;
 mod images_cmd;
 mod sandbox_cmd;
+mod secrets_cmd;
 mod serve;
 
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ enum Command {
     /// Sessions: list, create, show, exec, cp, logs, suspend, resume, rm.
     #[command(subcommand)]
     Sessions(agents_cmd::SessionsCmd),
+    /// An agent's secrets: set (from stdin), ls, rm.
+    #[command(subcommand)]
+    Secrets(secrets_cmd::SecretsCmd),
     /// Build, import and list images.
     #[command(subcommand)]
     Images(images_cmd::ImagesCmd),
@@ -133,6 +137,7 @@ fn main() -> std::process::ExitCode {
             Command::Sessions(cmd) => {
                 agents_cmd::sessions(&client::Client::new(&cli.url)?, cmd).await
             }
+            Command::Secrets(cmd) => secrets_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Images(cmd) => images_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Sandbox(cmd) => sandbox_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.url, cmd).await,

@@ -135,6 +135,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         sandboxes.clone(),
         hangar_agents::Config {
             max_running: args.max_running,
+            secrets_key: Some(
+                hangar_agents::SecretKey::load_or_create(&data_dir.join("secrets.key"))
+                    .map_err(|e| anyhow::anyhow!("the key for secrets: {e}"))?,
+            ),
             ..Default::default()
         },
     )

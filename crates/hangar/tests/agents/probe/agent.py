@@ -112,9 +112,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("connection", "close")
             self.end_headers()
             delay = float(req.get("metadata", {}).get("delay", "0") or 0)
+            if not delay and "slow" in json.dumps(req.get("input")).lower():
+                delay = 0.7  # a pause asked for in the user's text, whatever protocol carried it
             events = [("response.created", {"response": {"id": rid, "status": "in_progress"}})]
             for chunk in (text[: len(text) // 2], text[len(text) // 2 :]):
-                events.append(("response.output_text.delta", {"delta": chunk}))
+                events.append(("response.output_text.delta", {"item_id": "msg_" + rid[len("resp_"):],
+                                                               "output_index": 0, "content_index": 0,
+                                                               "delta": chunk}))
             events.append(("response.completed", {"response": {"id": rid, "status": "completed"}}))
             for seq, (kind, data) in enumerate(events):
                 data = {"type": kind, "sequence_number": seq, **data}

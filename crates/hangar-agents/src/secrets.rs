@@ -1,0 +1,212 @@
+//! Agent secrets, sealed at rest: XChaCha20-Poly1305 under the node's key (a file in the data
+//! directory, mode 0600), with the agent and secret name as associated data, so that a sealed
+//! value copied to another row does not open. Values never enter a sandbox: Hangar itself uses
+//! them (the Activity Protocol's client secret) on the agent's behalf.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use hangar_proto::agent::{valid_secret_name, SecretInfo};
+
+use crate::{now_rfc3339, Agents, AgentsError};
+
+/// The largest secret value accepted.
+pub const MAX_SECRET: usize = 64 * 1024;
+
+/// The node's key for sealing secrets.
+#[derive(Clone)]
+pub struct SecretKey([u8; 32]);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(..)")
+    }
+}
+
+impl SecretKey {
+    /// Reads the key at `path`, creating it (32 random bytes, mode 0600) if there is none.
+    pub fn load_or_create(path: &Path) -> std::io::Result<SecretKey> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let key: [u8; 32] = bytes.try_into().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} is not a 32-byte key", path.display()),
+                    )
+                })?;
+                Ok(SecretKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                getrandom::getrandom(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let tmp = path.with_extension("tmp");
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&key)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, path)?;
+                Ok(SecretKey(key))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&self.0).into())
+    }
+
+    fn seal(&self, agent: &str, name: &str, value: &[u8]) -> String {
+        let mut nonce = [0u8; 24];
+        getrandom::getrandom(&mut nonce).expect("the OS random source works");
+        let aad = format!("{agent}\0{name}");
+        let ct = self
+            .cipher()
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: value,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .expect("encryption of a bounded value cannot fail");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        base64::engine::general_purpose::STANDARD.encode(out)
+    }
+
+    fn open(&self, agent: &str, name: &str, sealed: &str) -> Option<Vec<u8>> {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .ok()?;
+        if raw.len() < 24 {
+            return None;
+        }
+        let (nonce, ct) = raw.split_at(24);
+        let aad = format!("{agent}\0{name}");
+        self.cipher()
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .ok()
+    }
+}
+
+impl Agents {
+    fn secret_key(&self) -> Result<&SecretKey, AgentsError> {
+        self.inner.cfg.secrets_key.as_ref().ok_or_else(|| {
+            AgentsError::Invalid("this server has no key for secrets (hangar serve makes one)".into())
+        })
+    }
+
+    pub async fn set_secret(
+        &self,
+        agent: &str,
+        name: &str,
+        value: &[u8],
+    ) -> Result<SecretInfo, AgentsError> {
+        valid_secret_name(name).map_err(AgentsError::Invalid)?;
+        if value.is_empty() || value.len() > MAX_SECRET {
+            return Err(AgentsError::Invalid(format!(
+                "a secret's value must be 1 to {MAX_SECRET} bytes, not {}",
+                value.len()
+            )));
+        }
+        self.require_agent(agent).await?;
+        let sealed = self.secret_key()?.seal(agent, name, value);
+        let now = now_rfc3339();
+        self.inner
+            .store
+            .put_secret(agent, name, &sealed, &now)
+            .await?;
+        Ok(SecretInfo {
+            name: name.to_owned(),
+            updated_at: now,
+        })
+    }
+
+    pub async fn secrets(&self, agent: &str) -> Result<Vec<SecretInfo>, AgentsError> {
+        self.require_agent(agent).await?;
+        Ok(self
+            .inner
+            .store
+            .secrets(agent)
+            .await?
+            .into_iter()
+            .map(|(name, updated_at)| SecretInfo { name, updated_at })
+            .collect())
+    }
+
+    pub async fn delete_secret(&self, agent: &str, name: &str) -> Result<(), AgentsError> {
+        self.require_agent(agent).await?;
+        if self.inner.store.delete_secret(agent, name).await? {
+            Ok(())
+        } else {
+            Err(AgentsError::NotFound(format!(
+                "agent {agent:?} has no secret {name:?}"
+            )))
+        }
+    }
+
+    /// A secret's value, for Hangar's own use on the agent's behalf.
+    pub async fn secret_value(&self, agent: &str, name: &str) -> Result<Vec<u8>, AgentsError> {
+        let sealed = self
+            .inner
+            .store
+            .secret(agent, name)
+            .await?
+            .ok_or_else(|| {
+                AgentsError::NotFound(format!(
+                    "agent {agent:?} has no secret {name:?} (hangar secrets set {agent} {name})"
+                ))
+            })?;
+        self.secret_key()?
+            .open(agent, name, &sealed)
+            .ok_or_else(|| {
+                AgentsError::Agent(format!(
+                    "secret {name:?} of agent {agent:?} does not open with this server's key"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_as_the_same_agent_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.key");
+        let key = SecretKey::load_or_create(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = SecretKey::load_or_create(&path).unwrap();
+        let sealed = key.seal("notes", "bot", b"hunter2");
+        assert!(!sealed.contains("hunter2"));
+        assert_eq!(again.open("notes", "bot", &sealed).unwrap(), b"hunter2");
+        assert!(key.open("notes", "other", &sealed).is_none());
+        assert!(key.open("other", "bot", &sealed).is_none());
+        let mut raw = base64::engine::general_purpose::STANDARD
+            .decode(&sealed)
+            .unwrap();
+        raw[30] ^= 1;
+        let tampered = base64::engine::general_purpose::STANDARD.encode(raw);
+        assert!(key.open("notes", "bot", &tampered).is_none());
+    }
+}
