@@ -107,7 +107,9 @@ impl SecretKey {
 impl Agents {
     fn secret_key(&self) -> Result<&SecretKey, AgentsError> {
         self.inner.cfg.secrets_key.as_ref().ok_or_else(|| {
-            AgentsError::Invalid("this server has no key for secrets (hangar serve makes one)".into())
+            AgentsError::Invalid(
+                "this server has no key for secrets (hangar serve makes one)".into(),
+            )
         })
     }
 
@@ -162,16 +164,11 @@ impl Agents {
 
     /// A secret's value, for Hangar's own use on the agent's behalf.
     pub async fn secret_value(&self, agent: &str, name: &str) -> Result<Vec<u8>, AgentsError> {
-        let sealed = self
-            .inner
-            .store
-            .secret(agent, name)
-            .await?
-            .ok_or_else(|| {
-                AgentsError::NotFound(format!(
-                    "agent {agent:?} has no secret {name:?} (hangar secrets set {agent} {name})"
-                ))
-            })?;
+        let sealed = self.inner.store.secret(agent, name).await?.ok_or_else(|| {
+            AgentsError::NotFound(format!(
+                "agent {agent:?} has no secret {name:?} (hangar secrets set {agent} {name})"
+            ))
+        })?;
         self.secret_key()?
             .open(agent, name, &sealed)
             .ok_or_else(|| {

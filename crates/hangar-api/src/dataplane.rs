@@ -36,7 +36,7 @@ const MAX_CAPTURE: usize = 16 * 1024 * 1024;
 /// Until issue 6 brings authentication, callers without `x-agent-user-id` share this key.
 pub const ANONYMOUS: &str = "anonymous";
 
-fn user_of(headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn user_of(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(asserted_user(headers)?.unwrap_or_else(|| ANONYMOUS.to_owned()))
 }
 
@@ -48,7 +48,7 @@ fn header_session(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
     match http_body_util::Limited::new(body, MAX_REQUEST)
         .collect()
         .await
@@ -269,7 +269,7 @@ impl AgentPool {
 
 /// A request body: buffered ones may be sent again on a fresh connection if a kept-alive
 /// one turns out to be closed; streamed ones always get a fresh connection.
-enum Outbound {
+pub(crate) enum Outbound {
     Buffered(Bytes),
     Streamed(Body),
 }
@@ -283,7 +283,7 @@ fn reusable(headers: &HeaderMap) -> bool {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn forward(
+pub(crate) async fn forward(
     pool: &Arc<AgentPool>,
     lease: Lease,
     method: Method,
@@ -411,10 +411,12 @@ async fn forward(
         }),
         _ => None,
     };
+    let watch = sniff.is_some().then(DoneWatch::default);
     let mut resp = Response::new(Body::new(Relay {
         body,
         _lease: lease,
         sniff,
+        watch,
         held: None,
         prefix,
         keep,
@@ -485,11 +487,11 @@ async fn upgrade(lease: Lease, req: &mut Request, path: &str) -> Result<Response
 
 /// Remembers which session made a response.
 #[derive(Clone)]
-struct Capture {
-    agents: Agents,
-    agent: String,
-    isolation_key: String,
-    session: String,
+pub(crate) struct Capture {
+    pub agents: Agents,
+    pub agent: String,
+    pub isolation_key: String,
+    pub session: String,
 }
 
 impl Capture {
@@ -554,6 +556,100 @@ impl Sniffer {
     }
 }
 
+/// OpenResponses streams end with `data: [DONE]` after the terminal event; OpenAI's and
+/// Foundry's do not send it. The stable endpoint speaks OpenResponses, so a stream that
+/// completed without it gets it from Hangar, after a comment saying so (which clients
+/// ignore and `hangar check` reports). A stream cut short gets nothing: that is not a
+/// completed response.
+#[derive(Default)]
+struct DoneWatch {
+    /// The start of the current line (enough for a `type`), and whether it is cut.
+    line: Vec<u8>,
+    terminal: bool,
+    done: bool,
+    /// The last line ended was blank (the stream stands between events).
+    at_blank: bool,
+    after_cr: bool,
+}
+
+/// The marker `hangar check` looks for.
+pub const ADDED_DONE: &str = ": hangar: the agent's stream ended without data: [DONE]; added\n";
+
+impl DoneWatch {
+    const HEAD: usize = 256;
+
+    fn feed(&mut self, data: &[u8]) {
+        for &b in data {
+            let cr_lf = self.after_cr && b == b'\n';
+            self.after_cr = b == b'\r';
+            if cr_lf {
+                continue;
+            }
+            if b == b'\n' || b == b'\r' {
+                self.end_line();
+            } else {
+                self.at_blank = false;
+                if self.line.len() < Self::HEAD {
+                    self.line.push(b);
+                }
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.line);
+        self.at_blank = line.is_empty();
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        if let Some(data) = text.strip_prefix("data:") {
+            let data = data.trim_start();
+            if data == "[DONE]" {
+                self.done = true;
+            } else if data.starts_with('{') {
+                let compact: String = data.chars().filter(|c| !c.is_whitespace()).collect();
+                if [
+                    "\"type\":\"response.completed\"",
+                    "\"type\":\"response.failed\"",
+                    "\"type\":\"response.incomplete\"",
+                ]
+                .iter()
+                .any(|t| compact.contains(t))
+                {
+                    self.terminal = true;
+                }
+            }
+        } else if let Some(event) = text.strip_prefix("event:") {
+            if matches!(
+                event.trim(),
+                "response.completed" | "response.failed" | "response.incomplete"
+            ) {
+                self.terminal = true;
+            }
+        }
+    }
+
+    fn owes_done(&self) -> bool {
+        self.terminal && !self.done
+    }
+
+    /// What to append at the end of the stream, if anything.
+    fn missing_done(mut self) -> Option<Bytes> {
+        let cut = !self.line.is_empty();
+        if cut {
+            self.end_line();
+        }
+        if !self.owes_done() {
+            return None;
+        }
+        let sep = match (cut, self.at_blank) {
+            (true, _) => "\n\n",
+            (false, false) => "\n",
+            (false, true) => "",
+        };
+        Some(Bytes::from(format!("{sep}{ADDED_DONE}data: [DONE]\n\n")))
+    }
+}
+
 type Pending = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The agent's answer body, relayed frame by frame; holds the session's lease until the
@@ -562,6 +658,8 @@ struct Relay {
     body: Incoming,
     _lease: Lease,
     sniff: Option<Sniffer>,
+    /// Watches an OpenResponses stream for its closing `data: [DONE]`.
+    watch: Option<DoneWatch>,
     /// The frame that named the response, held back until the response's session is
     /// recorded: a client that answers `response.created` at once with a follow-up
     /// `previous_response_id` must find it.
@@ -608,6 +706,9 @@ impl hyper::body::Body for Relay {
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(w)) = (frame.data_ref(), this.watch.as_mut()) {
+                    w.feed(data);
+                }
                 let id = match (frame.data_ref(), this.sniff.as_mut()) {
                     (Some(data), Some(sniff)) => sniff.feed(data),
                     _ => None,
@@ -629,6 +730,9 @@ impl hyper::body::Body for Relay {
             }
             Poll::Ready(None) => {
                 this.release();
+                if let Some(done) = this.watch.take().and_then(|w| w.missing_done()) {
+                    return Poll::Ready(Some(Ok(Frame::data(done))));
+                }
                 Poll::Ready(None)
             }
             other => other,
@@ -636,7 +740,10 @@ impl hyper::body::Body for Relay {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.held.is_none() && self.body.is_end_stream()
+        self.prefix.is_none()
+            && self.held.is_none()
+            && self.watch.as_ref().is_none_or(|w| !w.owes_done())
+            && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -652,5 +759,47 @@ impl hyper::body::Body for Relay {
             hint.set_upper(upper + extra);
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn appended(chunks: &[&str]) -> Option<String> {
+        let mut w = DoneWatch::default();
+        for c in chunks {
+            w.feed(c.as_bytes());
+        }
+        w.missing_done()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn done_is_added_only_after_a_terminal_event_without_it() {
+        let completed = "event: response.completed\ndata: {\"type\": \"response.completed\", \"response\": {}}\n\n";
+        assert_eq!(
+            appended(&[completed]).as_deref(),
+            Some(&*format!("{ADDED_DONE}data: [DONE]\n\n"))
+        );
+        assert_eq!(appended(&[completed, "data: [DONE]\n\n"]), None);
+        // Split anywhere, CRLF, no `event:` line: the same.
+        let crlf = "data: {\"type\":\"response.failed\"}\r\n\r\n";
+        for cut in 0..crlf.len() {
+            assert!(
+                appended(&[&crlf[..cut], &crlf[cut..]]).is_some(),
+                "cut {cut}"
+            );
+        }
+        // A stream cut short is not completed: nothing is added.
+        assert_eq!(
+            appended(&["data: {\"type\":\"response.output_text.delta\"}\n\n"]),
+            None
+        );
+        // An event left open is closed first, so that [DONE] is an event of its own.
+        let open = appended(&["data: {\"type\":\"response.completed\"}\n"]).unwrap();
+        assert!(open.starts_with("\n: hangar"), "{open:?}");
+        let cut = appended(&["data: {\"type\":\"response.completed\"}"]).unwrap();
+        assert!(cut.starts_with("\n\n: hangar"), "{cut:?}");
     }
 }

@@ -8,13 +8,16 @@ mod agents;
 mod dataplane;
 mod error;
 mod images;
+mod mapping;
 mod sandboxes;
 
 use axum::routing::{get, post};
 use axum::Router;
 use hangar_sandbox::Sandboxes;
 
+pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
+pub use mapping::ChannelAuth;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -23,6 +26,8 @@ pub struct AppState {
     pub agents: hangar_agents::Agents,
     /// Kept-alive connections to agents.
     pub pool: std::sync::Arc<dataplane::AgentPool>,
+    /// Channel credentials (the Activity Protocol's keys and tokens) and HTTP to channels.
+    pub channels: std::sync::Arc<ChannelAuth>,
     /// The largest file upload accepted, in bytes.
     pub max_upload: u64,
 }
@@ -114,6 +119,11 @@ pub fn router(state: AppState) -> Router {
             get(dataplane::response_op),
         )
         .route("/agents/{name}/invocations", post(dataplane::invocations))
+        .route("/agents/{name}/ag-ui", post(mapping::agui::run))
+        .route(
+            "/agents/{name}/api/messages",
+            post(mapping::activity::messages),
+        )
         .route("/agents/{name}/invocations_ws", get(dataplane::invocations))
         .fallback(|| async {
             ApiError::new(

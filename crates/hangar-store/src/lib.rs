@@ -569,10 +569,7 @@ impl Store {
     }
 
     /// The session and chain position of a mapped protocol's conversation.
-    pub async fn thread(
-        &self,
-        key: &ThreadKey<'_>,
-    ) -> Result<Option<ThreadRow>, StoreError> {
+    pub async fn thread(&self, key: &ThreadKey<'_>) -> Result<Option<ThreadRow>, StoreError> {
         let row = sqlx::query(
             "SELECT session_id, last_response_id, last_message_id FROM threads
              WHERE agent = ? AND isolation_key = ? AND protocol = ? AND thread = ?",
@@ -649,10 +646,11 @@ impl Store {
 
     /// Names and update times of an agent's secrets, by name.
     pub async fn secrets(&self, agent: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query("SELECT name, updated_at FROM secrets WHERE agent = ? ORDER BY name")
-            .bind(agent)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT name, updated_at FROM secrets WHERE agent = ? ORDER BY name")
+                .bind(agent)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| (r.get("name"), r.get("updated_at")))

@@ -148,6 +148,13 @@ pub async fn run(client: &Client, args: CheckArgs) -> anyhow::Result<ExitCode> {
             });
         }
         findings.extend(check_stream(&parse_sse(&text)));
+        if text.contains(hangar_api::ADDED_DONE.trim_end()) {
+            findings.push(Finding {
+                must: false,
+                at: None,
+                message: "the agent ends its stream without `data: [DONE]`; Hangar's endpoint adds it, but a client of the agent itself may wait for it".into(),
+            });
+        }
     }
     cases.push(Case {
         name: "streaming",
@@ -202,7 +209,7 @@ pub async fn run(client: &Client, args: CheckArgs) -> anyhow::Result<ExitCode> {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     }]);
     let (mut findings, answer) = agent
-        .json_case(json!({"input": "What is the weather in Paris? Use get_weather.", "tools": tools, "stream": false}))
+        .json_case(json!({"input": "What is the weather in Paris? Use get_weather with city=Paris.", "tools": tools, "stream": false}))
         .await?;
     let call = answer.as_ref().and_then(|v| {
         v["output"]
@@ -212,6 +219,38 @@ pub async fn run(client: &Client, args: CheckArgs) -> anyhow::Result<ExitCode> {
             .cloned()
     });
     let mut skipped = None;
+    if call.is_some() {
+        // The same call, streamed: the function_call events in their order.
+        let (status, _, text) = agent
+            .post(&json!({"input": "What is the weather in Paris? Use get_weather with city=Paris.", "tools": tools, "stream": true}))
+            .await?;
+        if status != 200 {
+            findings.push(Finding {
+                must: true,
+                at: None,
+                message: format!("streamed: HTTP {status}: {}", text.trim()),
+            });
+        } else {
+            let frames = parse_sse(&text);
+            let mut streamed = check_stream(&frames);
+            if !frames
+                .iter()
+                .any(|f| f.data.contains("response.function_call_arguments.done"))
+            {
+                streamed.push(Finding {
+                    must: false,
+                    at: None,
+                    message:
+                        "streamed, the call has no response.function_call_arguments.done event"
+                            .into(),
+                });
+            }
+            for f in &mut streamed {
+                f.message = format!("streamed: {}", f.message);
+            }
+            findings.extend(streamed);
+        }
+    }
     match (call, answer) {
         (Some(call), Some(answer)) => {
             if !call["call_id"].is_string() || !call["arguments"].is_string() {

@@ -266,6 +266,36 @@ pub fn check_stream(frames: &[Frame]) -> Vec<Finding> {
                     }
                 }
             }
+            "response.function_call_arguments.delta" | "response.function_call_arguments.done" => {
+                let Some(idx) = index else {
+                    out.must(at, format!("{ty} without output_index"));
+                    continue;
+                };
+                let Some((id, done, args)) = items.get_mut(&idx) else {
+                    out.must(at, format!("{ty} for output item {idx}, never added"));
+                    continue;
+                };
+                if *done {
+                    out.must(at, format!("{ty} for output item {idx} after it was done"));
+                }
+                if item_id != Some(id.as_str()) {
+                    out.must(
+                        at,
+                        format!("{ty}'s item_id {item_id:?} is not item {idx}'s id {id:?}"),
+                    );
+                }
+                if ty.ends_with(".delta") {
+                    args.push_str(v.get("delta").and_then(Value::as_str).unwrap_or_default());
+                } else {
+                    let a = v.get("arguments").and_then(Value::as_str);
+                    if a != Some(args.as_str()) {
+                        out.must(
+                            at,
+                            format!("function_call_arguments.done arguments {a:?} differ from its deltas {args:?}"),
+                        );
+                    }
+                }
+            }
             "response.content_part.added"
             | "response.output_text.delta"
             | "response.output_text.done"

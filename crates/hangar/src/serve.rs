@@ -149,6 +149,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         images,
         agents,
         pool: Default::default(),
+        channels: std::sync::Arc::new(
+            hangar_api::ChannelAuth::new().map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
         max_upload: args.max_upload_mib * 1024 * 1024,
     });
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");
