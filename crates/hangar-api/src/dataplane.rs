@@ -23,7 +23,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 
 use hangar_agents::{Agents, ErrorSource, Lease, Route};
-use hangar_proto::agent::SESSION_HEADER;
+use hangar_proto::agent::{INVOCATION_HEADER, SESSION_HEADER};
 use hangar_store::RefKind;
 
 use crate::agents::asserted_user;
@@ -165,6 +165,23 @@ pub async fn invocations(
             .or_else(|| header_session(req.headers())),
         ..Route::default()
     };
+    let invocation = match req.headers().get(INVOCATION_HEADER) {
+        Some(v) if !v.is_empty() && v.len() <= 256 => v.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "{INVOCATION_HEADER} must be 1 to 256 characters"
+            )))
+        }
+        None => {
+            let mut id = [0u8; 12];
+            getrandom::getrandom(&mut id).expect("the OS random source works");
+            HeaderValue::from_str(&format!("inv_{}", hex::encode(id))).expect("ASCII")
+        }
+    };
+    req.headers_mut().insert(
+        HeaderName::from_static(INVOCATION_HEADER),
+        invocation.clone(),
+    );
     let (lease, _) = st.agents.route(&name, &user, &route).await?;
     let path = req
         .uri()
@@ -174,21 +191,25 @@ pub async fn invocations(
         .unwrap_or("invocations")
         .to_owned();
     let path = format!("/{path}");
-    if path == "/invocations_ws" {
-        return upgrade(lease, &mut req, &path).await;
-    }
-    let (parts, body) = req.into_parts();
-    forward(
-        &st.pool,
-        lease,
-        parts.method,
-        &path,
-        parts.uri.query(),
-        &parts.headers,
-        Outbound::Streamed(body),
-        None,
-    )
-    .await
+    let mut resp = if path == "/invocations_ws" {
+        upgrade(lease, &mut req, &path).await?
+    } else {
+        let (parts, body) = req.into_parts();
+        forward(
+            &st.pool,
+            lease,
+            parts.method,
+            &path,
+            parts.uri.query(),
+            &parts.headers,
+            Outbound::Streamed(body),
+            None,
+        )
+        .await?
+    };
+    resp.headers_mut()
+        .insert(HeaderName::from_static(INVOCATION_HEADER), invocation);
+    Ok(resp)
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [

@@ -631,6 +631,9 @@ pub struct ImageList {
 
 /// Header naming the session a data-plane request belongs to (set on every answer).
 pub const SESSION_HEADER: &str = "x-agent-session-id";
+/// Names one call of `/invocations`: the caller's, or one Hangar makes; the agent sees it
+/// and the answer carries it.
+pub const INVOCATION_HEADER: &str = "x-agent-invocation-id";
 /// Header by which a trusted caller names the end user (the isolation key).
 pub const USER_HEADER: &str = "x-agent-user-id";
 /// Header on every platform-made error: `platform`, `user` or `upstream`.

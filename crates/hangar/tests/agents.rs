@@ -193,6 +193,25 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     assert_eq!(r.json()["echo"], "payload");
     assert_eq!(r.json()["session"], s);
     assert!(r.json()["query"].as_str().unwrap().contains("x=1"));
+    // Each invocation has an id: Hangar's when the caller gives none, else the caller's;
+    // the agent sees it and the answer carries it.
+    let made = r.header("x-agent-invocation-id").unwrap().to_owned();
+    assert!(made.starts_with("inv_"), "{made}");
+    assert_eq!(r.json()["header_invocation"], made);
+    let r = http(
+        &server,
+        "POST",
+        "/agents/probe/invocations",
+        &[
+            ("x-agent-user-id", "alice"),
+            ("x-agent-session-id", &s),
+            ("x-agent-invocation-id", "inv-mine-1"),
+        ],
+        Some(b"again"),
+    );
+    assert_eq!(r.header("x-agent-invocation-id"), Some("inv-mine-1"));
+    assert_eq!(r.json()["header_invocation"], "inv-mine-1");
+    assert_eq!(r.json()["session"], s);
 
     // The WebSocket is spliced through to the session's agent.
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -211,6 +230,7 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     }
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("x-agent-invocation-id: inv_"), "{head}");
     assert!(
         head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
         "{head}"

@@ -158,4 +158,14 @@ fn foundry_echo_runs_unmodified_behind_the_gateway() {
     let sessions = r["session_ids"].as_array().unwrap();
     assert!(sessions[0].as_str().unwrap().starts_with("sess_"), "{r}");
     assert_eq!(sessions[0], sessions[1]);
+
+    // The conformance suite passes: the agent sends no `[DONE]` (the Foundry package does
+    // not), which Hangar's endpoint adds, and `hangar check` says so as a warning.
+    let out = cli(&server, &["check", "foundry-echo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "hangar check foundry-echo failed:\n{text}"
+    );
+    assert!(text.contains("Hangar's endpoint adds it"), "{text}");
 }

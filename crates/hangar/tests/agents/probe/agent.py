@@ -61,6 +61,7 @@ class Handler(BaseHTTPRequestHandler):
             "port": os.environ.get("PORT"),
             "greeting": os.environ.get("GREETING"),
             "header_session": self.headers.get("x-agent-session-id"),
+            "header_invocation": self.headers.get("x-agent-invocation-id"),
             "pid": os.getpid(),
         }
 
