@@ -22,6 +22,8 @@ pub enum BenchCmd {
     Gateway(crate::bench_agents::GatewayBench),
     /// First-request latency of a new session and of a suspended one.
     Sessions(crate::bench_agents::SessionsBench),
+    /// What AG-UI and the Activity Protocol add over a streamed /responses call.
+    Protocols(crate::bench_protocols::ProtocolsBench),
 }
 
 #[derive(Args)]
@@ -80,6 +82,7 @@ pub async fn run(url: &str, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Sandbox(b) => sandbox(&Client::new(url)?, b).await,
         BenchCmd::Gateway(b) => crate::bench_agents::gateway(url, b).await,
         BenchCmd::Sessions(b) => crate::bench_agents::sessions(url, b).await,
+        BenchCmd::Protocols(b) => crate::bench_protocols::run(url, b).await,
     }
 }
 

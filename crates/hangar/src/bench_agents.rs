@@ -54,7 +54,7 @@ pub struct SessionsBench {
     json: bool,
 }
 
-fn stats(mut v: Vec<f64>) -> serde_json::Value {
+pub(crate) fn stats(mut v: Vec<f64>) -> serde_json::Value {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p = |q: f64| {
         if v.is_empty() {
@@ -66,7 +66,7 @@ fn stats(mut v: Vec<f64>) -> serde_json::Value {
     json!({"n": v.len(), "p50_ms": p(0.5), "p95_ms": p(0.95), "p99_ms": p(0.99)})
 }
 
-async fn tcp_conn(authority: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+pub(crate) async fn tcp_conn(authority: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     let s = tokio::net::TcpStream::connect(authority).await?;
     s.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;

@@ -269,10 +269,12 @@ pub async fn run(client: &Client, args: CheckArgs) -> anyhow::Result<ExitCode> {
                 .await?;
             findings.extend(more);
         }
-        _ => {
+        (None, Some(_)) => {
             findings.clear();
             skipped = Some("the agent made no function call (it offers no tools)".into());
         }
+        // The request itself failed: its findings say why.
+        (_, None) => {}
     }
     cases.push(Case {
         name: "tool calling",

@@ -1,8 +1,7 @@
 //! The rules of `hangar check` for OpenResponses streams, as pure functions over what an agent
 //! sent: no I/O here, so every rule is unit-tested on hand-made streams. The rules and their
 //! sources are in `docs/protocols-research.md` §5 (MUST fails the check, WARN does not).
-//!
-//! Work in progress (issue 5): the HTTP runner and the CLI command come next.
+//! `check.rs` runs the cases over HTTP.
 
 use serde_json::Value;
 

@@ -7,6 +7,7 @@ mod agent_yaml;
 mod agents_cmd;
 mod bench;
 mod bench_agents;
+mod bench_protocols;
 mod check;
 mod check_rules;
 mod client;

@@ -49,7 +49,9 @@ fn str_at<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
-/// Checks the caller's credentials; `true` if a channel token vouched for the request.
+/// Checks the caller's credentials; `true` if a channel token vouched for the request and
+/// for its `serviceUrl` (a matching `serviceurl` claim): only then may the bot's token go
+/// there.
 async fn authenticate(
     auth: &ChannelAuth,
     ch: &ActivityChannel,
@@ -80,13 +82,18 @@ async fn authenticate(
         .get("serviceurl")
         .or_else(|| claims.get("serviceUrl"))
         .and_then(Value::as_str);
-    if let Some(claimed) = claimed {
-        let actual = str_at(activity, "/serviceUrl").unwrap_or_default();
-        if claimed.trim_end_matches('/') != actual.trim_end_matches('/') {
-            return Err(unauthorized(format!(
-                "its serviceurl claim {claimed:?} is not the activity's serviceUrl {actual:?}"
-            )));
-        }
+    let Some(claimed) = claimed else {
+        // Accepted, but nothing vouches for where replies go: they go without the bot's token.
+        tracing::warn!(
+            "a channel token without a serviceurl claim: replies are sent without the bot's token"
+        );
+        return Ok(false);
+    };
+    let actual = str_at(activity, "/serviceUrl").unwrap_or_default();
+    if claimed.trim_end_matches('/') != actual.trim_end_matches('/') {
+        return Err(unauthorized(format!(
+            "its serviceurl claim {claimed:?} is not the activity's serviceUrl {actual:?}"
+        )));
     }
     Ok(true)
 }
@@ -172,24 +179,18 @@ pub async fn messages(
             "activity_conversation_id": conversation,
         },
     });
-    let thread = st
-        .agents
-        .route_thread(&name, &user, PROTOCOL, &conversation)
-        .await?;
-    if let Some(prev) = &thread.last_response_id {
-        request["previous_response_id"] = json!(prev);
-    }
-    let session = thread.lease.session_id.clone();
-    let turn = Turn {
+    let mut turn = Turn {
         st: st.clone(),
         name,
         user,
         conversation,
-        session: session.clone(),
+        session: String::new(),
     };
 
     if expect_replies {
-        let mut agent = call(&st, &turn.name, &turn.user, thread.lease, &request).await?;
+        let thread = turn.route(&mut request).await?;
+        let session = turn.session.clone();
+        let mut agent = call(&st, &turn.name, &turn.user, thread, &request).await?;
         let mut text = Text::default();
         let response = loop {
             let step = agent.next().await;
@@ -220,7 +221,8 @@ pub async fn messages(
         return Ok(acknowledge(true, replies, Some(&session)));
     }
 
-    // Asynchronous: acknowledged now; the reply goes to the connector when it is ready.
+    // Asynchronous: acknowledged at once; the session is found (or made, or resumed) and the
+    // reply goes to the connector when it is ready.
     let channel = Replies {
         auth: st.channels.clone(),
         agents: st.agents.clone(),
@@ -229,12 +231,15 @@ pub async fn messages(
         vouched,
         url: reply_url(service_url.as_deref().unwrap_or_default(), &activity),
     };
-    let agent = call(&st, &turn.name, &turn.user, thread.lease, &request).await;
     tokio::spawn(async move {
-        let mut agent = match agent {
+        let started = match turn.route(&mut request).await {
+            Ok(lease) => call(&turn.st, &turn.name, &turn.user, lease, &request).await,
+            Err(e) => Err(e),
+        };
+        let mut agent = match started {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = ?e.body.error.message, "the agent did not answer an activity");
+                tracing::warn!(error = %e.body.error.message, agent = %turn.name, "an activity's turn did not start");
                 channel
                     .post(&reply(&activity, "message", Some(SORRY)))
                     .await;
@@ -270,7 +275,7 @@ pub async fn messages(
             }
         }
     });
-    Ok(acknowledge(false, vec![], Some(&session)))
+    Ok(acknowledge(false, vec![], None))
 }
 
 const SORRY: &str = "Sorry, something went wrong and I could not answer that.";
@@ -346,6 +351,20 @@ struct Turn {
 }
 
 impl Turn {
+    /// The conversation's session, running; chains `request` on its last response.
+    async fn route(&mut self, request: &mut Value) -> Result<hangar_agents::Lease, ApiError> {
+        let thread = self
+            .st
+            .agents
+            .route_thread(&self.name, &self.user, PROTOCOL, &self.conversation)
+            .await?;
+        if let Some(prev) = &thread.last_response_id {
+            request["previous_response_id"] = json!(prev);
+        }
+        self.session = thread.lease.session_id.clone();
+        Ok(thread.lease)
+    }
+
     async fn record(&self, response: &Value) {
         let row = ThreadRow {
             session_id: self.session.clone(),

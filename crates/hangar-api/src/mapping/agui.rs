@@ -186,6 +186,8 @@ pub async fn run(
         return Err(bad("threadId is longer than 512 bytes"));
     }
     require_responses(&st, &name, "AG-UI").await?;
+    // Every message is checked before anything is routed: bad input makes no session.
+    input_items(&input.messages)?;
     let thread = st
         .agents
         .route_thread(&name, &user, PROTOCOL, &input.thread_id)

@@ -1,8 +1,11 @@
 //! One agent turn on `/responses`, normalised: whatever the agent streams (or answers whole),
-//! the mapped protocols see the same [`Step`]s, in an order every consumer accepts. A text
-//! message is closed before a tool call opens and the other way round (older AG-UI verifiers
-//! forbid interleaving), nothing is left open at the end, empty deltas are dropped, and text
-//! or calls that only the final response holds are still delivered.
+//! the mapped protocols see the same [`Step`]s, in an order every consumer accepts. Nothing
+//! interleaves (older AG-UI verifiers forbid it): a text message is closed before a tool call
+//! opens, and while a tool call is open, everything about other items waits until it is done
+//! (a consumer acts on a call at its end, so a call must never end before its arguments are
+//! whole). Nothing is left open at the end, empty deltas are dropped, and text or calls that
+//! only the final response holds are still delivered. Bounded: a turn with more items, or
+//! more held back, than a real one has fails.
 
 use std::collections::{HashMap, HashSet};
 
@@ -56,7 +59,17 @@ pub struct Turn {
     args_streamed: HashSet<String>,
     finished: bool,
     anon: u32,
+    /// Events about other items, held while a tool call is open.
+    backlog: std::collections::VecDeque<Value>,
+    backlog_bytes: usize,
+    /// Set at the terminal event: what is held is delivered in order, without holding.
+    flushing: bool,
 }
+
+/// The most output items one turn may have.
+const MAX_ITEMS: usize = 10_000;
+/// The most held back behind an open tool call.
+const MAX_BACKLOG: usize = 16 * 1024 * 1024;
 
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
@@ -150,7 +163,8 @@ impl Turn {
             Some("function_call") => {
                 let call_id = str_of(item, "call_id").unwrap_or(&id).to_owned();
                 let name = str_of(item, "name").unwrap_or_default().to_owned();
-                if !self.delivered.contains(&id) {
+                if !self.args_streamed.contains(&id) || !self.delivered.contains(&id) {
+                    // Arguments only the whole item holds go out inside an open call.
                     self.tool_start(&id, &call_id, &name, out);
                 }
                 if !self.args_streamed.contains(&id) {
@@ -171,10 +185,66 @@ impl Turn {
         }
     }
 
+    /// The output item an event is about, if it is about one.
+    fn item_of(&self, v: &Value) -> Option<String> {
+        match str_of(v, "type").unwrap_or_default() {
+            "response.output_text.delta"
+            | "response.refusal.delta"
+            | "response.function_call_arguments.delta" => {
+                Some(str_of(v, "item_id").map(str::to_owned).unwrap_or_else(|| {
+                    let idx = v.get("output_index").and_then(Value::as_u64).unwrap_or(0);
+                    format!("msg_{idx}")
+                }))
+            }
+            "response.output_item.added" | "response.output_item.done" => v
+                .get("item")
+                .and_then(|i| str_of(i, "id"))
+                .map(str::to_owned),
+            _ => None,
+        }
+    }
+
     /// One event of the agent's stream.
     pub fn event(&mut self, v: &Value, out: &mut Vec<Step>) {
         if self.finished {
             return;
+        }
+        if !self.flushing {
+            if let (Some((open, _)), Some(item)) = (&self.tool, self.item_of(v)) {
+                if *open != item {
+                    self.backlog_bytes += v.to_string().len();
+                    if self.backlog_bytes > MAX_BACKLOG {
+                        return self.fail(
+                            "the agent streamed too much beside one open tool call".into(),
+                            None,
+                            out,
+                        );
+                    }
+                    self.backlog.push_back(v.clone());
+                    return;
+                }
+            }
+        }
+        let was_open = self.tool.is_some();
+        self.event_now(v, out);
+        if was_open && self.tool.is_none() && !self.flushing {
+            // The call is done: what waited behind it goes out now, in order (it may
+            // open another call, behind which the rest waits again).
+            let held: Vec<Value> = std::mem::take(&mut self.backlog).into();
+            self.backlog_bytes = 0;
+            for e in held {
+                self.event(&e, out);
+            }
+        }
+    }
+
+    fn event_now(&mut self, v: &Value, out: &mut Vec<Step>) {
+        if self.calls.len() + self.delivered.len() > MAX_ITEMS {
+            return self.fail(
+                format!("the agent's response has more than {MAX_ITEMS} output items"),
+                None,
+                out,
+            );
         }
         match str_of(v, "type").unwrap_or_default() {
             "response.output_text.delta" | "response.refusal.delta" => {
@@ -222,6 +292,7 @@ impl Turn {
                 }
             }
             "response.completed" | "response.incomplete" => {
+                self.flush(out);
                 let response = v.get("response").cloned().unwrap_or_default();
                 self.done(response, out);
             }
@@ -263,6 +334,15 @@ impl Turn {
             );
         }
         self.done(response, out);
+    }
+
+    /// Delivers what is held, in order, without holding any more.
+    fn flush(&mut self, out: &mut Vec<Step>) {
+        self.flushing = true;
+        let held: Vec<Value> = std::mem::take(&mut self.backlog).into();
+        for e in held {
+            self.event_now(&e, out);
+        }
     }
 
     fn done(&mut self, response: Value, out: &mut Vec<Step>) {
@@ -389,22 +469,24 @@ mod tests {
         events.push(json!({"type": "response.output_item.done", "item": done_call}));
         events.push(json!({"type": "response.completed", "response": {"id": "r", "output": []}}));
         let steps = run(&events);
-        let mut open: Option<String> = None;
-        for s in &steps {
-            match s {
-                Step::TextStart { id } | Step::ToolStart { call_id: id, .. } => {
-                    assert!(open.is_none(), "{s:?} while {open:?} is open: {steps:?}");
-                    open = Some(id.clone());
-                }
-                Step::TextEnd { id } | Step::ToolEnd { call_id: id } => {
-                    assert_eq!(open.take().as_ref(), Some(id));
-                }
-                Step::TextDelta { id, .. } | Step::ToolArgs { call_id: id, .. } => {
-                    assert_eq!(open.as_ref(), Some(id), "{steps:?}");
-                }
-                Step::Done { .. } | Step::Failed { .. } => assert!(open.is_none()),
-            }
-        }
+        well_formed(&steps);
+        // The call ends only once its arguments are whole; the text waits behind it.
+        let end = steps
+            .iter()
+            .position(|s| matches!(s, Step::ToolEnd { .. }))
+            .unwrap();
+        let last_args = steps
+            .iter()
+            .rposition(|s| matches!(s, Step::ToolArgs { .. }))
+            .unwrap();
+        assert!(last_args < end, "{steps:?}");
+        assert_eq!(
+            steps
+                .iter()
+                .filter(|s| matches!(s, Step::ToolStart { .. }))
+                .count(),
+            1
+        );
         let args: String = steps
             .iter()
             .filter_map(|s| match s {
@@ -417,6 +499,72 @@ mod tests {
             call_id: "call_1".into(),
             name: "get_weather".into()
         }));
+    }
+
+    /// Nothing interleaves, nothing is content or an end outside its start.
+    fn well_formed(steps: &[Step]) {
+        let mut open: Option<String> = None;
+        for s in steps {
+            match s {
+                Step::TextStart { id } | Step::ToolStart { call_id: id, .. } => {
+                    assert!(open.is_none(), "{s:?} while {open:?} is open: {steps:?}");
+                    open = Some(id.clone());
+                }
+                Step::TextEnd { id } | Step::ToolEnd { call_id: id } => {
+                    assert_eq!(open.take().as_ref(), Some(id), "{steps:?}");
+                }
+                Step::TextDelta { id, .. } | Step::ToolArgs { call_id: id, .. } => {
+                    assert_eq!(open.as_ref(), Some(id), "{steps:?}");
+                }
+                Step::Done { .. } | Step::Failed { .. } => assert!(open.is_none()),
+            }
+        }
+    }
+
+    #[test]
+    fn calls_announced_together_come_out_one_after_the_other() {
+        let call = |n: &str| json!({"id": format!("fc{n}"), "type": "function_call", "call_id": format!("c{n}"), "name": "f", "arguments": ""});
+        let done = |n: &str| {
+            let mut c = call(n);
+            c["arguments"] = json!(format!("{{\"n\":{n}}}"));
+            json!({"type": "response.output_item.done", "item": c})
+        };
+        let steps = run(&[
+            json!({"type": "response.output_item.added", "output_index": 0, "item": call("1")}),
+            json!({"type": "response.output_item.added", "output_index": 1, "item": call("2")}),
+            json!({"type": "response.function_call_arguments.delta", "item_id": "fc2", "delta": "{\"n\":2}"}),
+            done("1"),
+            done("2"),
+            json!({"type": "response.completed", "response": {"id": "r", "output": []}}),
+        ]);
+        well_formed(&steps);
+        assert_eq!(
+            steps[..6],
+            [
+                Step::ToolStart {
+                    call_id: "c1".into(),
+                    name: "f".into()
+                },
+                Step::ToolArgs {
+                    call_id: "c1".into(),
+                    delta: "{\"n\":1}".into()
+                },
+                Step::ToolEnd {
+                    call_id: "c1".into()
+                },
+                Step::ToolStart {
+                    call_id: "c2".into(),
+                    name: "f".into()
+                },
+                Step::ToolArgs {
+                    call_id: "c2".into(),
+                    delta: "{\"n\":2}".into()
+                },
+                Step::ToolEnd {
+                    call_id: "c2".into()
+                },
+            ]
+        );
     }
 
     #[test]
