@@ -823,7 +823,12 @@ impl Agents {
             thread,
         };
         if let Some(row) = self.inner.store.thread(&key).await? {
-            if self.live(&row.session_id).is_some() {
+            // A failed session keeps its files for the operator, but its conversation goes
+            // on in a new one.
+            let usable = self
+                .live(&row.session_id)
+                .is_some_and(|l| *l.state.lock().unwrap() != SessionState::Failed);
+            if usable {
                 match self.acquire(agent, &row.session_id, isolation_key).await {
                     Ok(lease) => {
                         return Ok(Thread {
@@ -879,19 +884,23 @@ impl Agents {
         Ok(())
     }
 
-    /// The spec of an agent's newest version: where per-agent settings (its channels) come
-    /// from.
-    pub async fn latest_spec(&self, agent: &str) -> Result<AgentSpec, AgentsError> {
+    /// The spec of the newest version that takes traffic: where the agent's settings for
+    /// its endpoint (its channels, the protocols to map onto) come from. A version deployed
+    /// with no traffic changes nothing until it gets some.
+    pub async fn serving_spec(&self, agent: &str) -> Result<AgentSpec, AgentsError> {
         self.require_agent(agent).await?;
         let newest = self
             .inner
             .store
-            .versions(agent)
+            .traffic(agent)
             .await?
             .into_iter()
-            .map(|v| v.number)
+            .filter(|(_, w)| *w > 0)
+            .map(|(v, _)| v)
             .max()
-            .ok_or_else(|| AgentsError::NotFound(format!("agent {agent:?} has no versions")))?;
+            .ok_or_else(|| {
+                AgentsError::NotFound(format!("agent {agent:?} has no version taking traffic"))
+            })?;
         Ok(self.version_info(agent, newest).await?.spec.clone())
     }
 

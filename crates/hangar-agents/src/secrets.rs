@@ -30,34 +30,51 @@ impl std::fmt::Debug for SecretKey {
 
 impl SecretKey {
     /// Reads the key at `path`, creating it (32 random bytes, mode 0600) if there is none.
+    /// The file is created exclusively, so two servers starting at once agree on one key; a
+    /// key that others may read is refused rather than used.
     pub fn load_or_create(path: &Path) -> std::io::Result<SecretKey> {
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.try_into().map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} is not a 32-byte key", path.display()),
-                    )
-                })?;
-                Ok(SecretKey(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                getrandom::getrandom(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
+        use std::os::unix::fs::PermissionsExt;
+        let mut key = [0u8; 32];
+        getrandom::getrandom(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(mut f) => {
                 f.write_all(&key)?;
                 f.sync_all()?;
-                std::fs::rename(&tmp, path)?;
-                Ok(SecretKey(key))
+                return Ok(SecretKey(key));
             }
-            Err(e) => Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
         }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        let mode = f.metadata()?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} may be read by others (mode {:o}): chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                ),
+            ));
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut bytes)?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a 32-byte key", path.display()),
+            )
+        })?;
+        Ok(SecretKey(key))
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {
@@ -194,6 +211,9 @@ mod tests {
             0o600
         );
         let again = SecretKey::load_or_create(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = SecretKey::load_or_create(&path).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
         let sealed = key.seal("notes", "bot", b"hunter2");
         assert!(!sealed.contains("hunter2"));
         assert_eq!(again.open("notes", "bot", &sealed).unwrap(), b"hunter2");

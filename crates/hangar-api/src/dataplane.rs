@@ -432,7 +432,11 @@ pub(crate) async fn forward(
         }),
         _ => None,
     };
-    let watch = sniff.is_some().then(DoneWatch::default);
+    let watch = (sniff.is_some() && parts.status.is_success()).then(DoneWatch::default);
+    if watch.is_some() {
+        // The stream may grow by a `[DONE]`: its length is no longer the agent's.
+        out_headers.remove(header::CONTENT_LENGTH);
+    }
     let mut resp = Response::new(Body::new(Relay {
         body,
         _lease: lease,
@@ -584,8 +588,13 @@ impl Sniffer {
 /// completed response.
 #[derive(Default)]
 struct DoneWatch {
-    /// The start of the current line (enough for a `type`), and whether it is cut.
-    line: Vec<u8>,
+    /// The start and the end of the current line (the `type` is near one of them).
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    /// The line is longer than `head` and `tail` together.
+    long: bool,
+    /// A terminal event's line was seen; it counts once a blank line dispatches it.
+    terminal_line: bool,
     terminal: bool,
     done: bool,
     /// The last line ended was blank (the stream stands between events).
@@ -597,7 +606,7 @@ struct DoneWatch {
 pub const ADDED_DONE: &str = ": hangar: the agent's stream ended without data: [DONE]; added\n";
 
 impl DoneWatch {
-    const HEAD: usize = 256;
+    const KEEP: usize = 256;
 
     fn feed(&mut self, data: &[u8]) {
         for &b in data {
@@ -610,16 +619,33 @@ impl DoneWatch {
                 self.end_line();
             } else {
                 self.at_blank = false;
-                if self.line.len() < Self::HEAD {
-                    self.line.push(b);
+                if self.head.len() < Self::KEEP {
+                    self.head.push(b);
+                } else {
+                    if self.tail.len() == Self::KEEP {
+                        self.tail.pop_front();
+                        self.long = true;
+                    }
+                    self.tail.push_back(b);
                 }
             }
         }
     }
 
     fn end_line(&mut self) {
-        let line = std::mem::take(&mut self.line);
+        let mut line = std::mem::take(&mut self.head);
+        let tail: Vec<u8> = std::mem::take(&mut self.tail).into();
+        if std::mem::take(&mut self.long) {
+            line.push(b' ');
+        }
+        line.extend_from_slice(&tail);
         self.at_blank = line.is_empty();
+        if self.at_blank {
+            if self.terminal_line {
+                self.terminal = true;
+            }
+            return;
+        }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end();
         if let Some(data) = text.strip_prefix("data:") {
@@ -636,7 +662,7 @@ impl DoneWatch {
                 .iter()
                 .any(|t| compact.contains(t))
                 {
-                    self.terminal = true;
+                    self.terminal_line = true;
                 }
             }
         } else if let Some(event) = text.strip_prefix("event:") {
@@ -644,7 +670,7 @@ impl DoneWatch {
                 event.trim(),
                 "response.completed" | "response.failed" | "response.incomplete"
             ) {
-                self.terminal = true;
+                self.terminal_line = true;
             }
         }
     }
@@ -653,19 +679,17 @@ impl DoneWatch {
         self.terminal && !self.done
     }
 
-    /// What to append at the end of the stream, if anything.
-    fn missing_done(mut self) -> Option<Bytes> {
-        let cut = !self.line.is_empty();
-        if cut {
-            self.end_line();
-        }
+    /// What to append at the end of the stream, if anything. Only a terminal event the
+    /// stream completed (a blank line after it) earns a `[DONE]`: one cut off mid-event is not
+    /// a completed response.
+    fn missing_done(self) -> Option<Bytes> {
         if !self.owes_done() {
             return None;
         }
-        let sep = match (cut, self.at_blank) {
-            (true, _) => "\n\n",
-            (false, false) => "\n",
-            (false, true) => "",
+        let sep = if self.at_blank && self.head.is_empty() {
+            ""
+        } else {
+            "\n"
         };
         Some(Bytes::from(format!("{sep}{ADDED_DONE}data: [DONE]\n\n")))
     }
@@ -776,8 +800,9 @@ impl hyper::body::Body for Relay {
                 .map_or(0, |(_, f)| f.data_ref().map_or(0, |d| d.len() as u64));
         let mut hint = hyper::body::SizeHint::new();
         hint.set_lower(inner.lower() + extra);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + extra);
+        match inner.upper() {
+            Some(upper) if self.watch.is_none() => hint.set_upper(upper + extra),
+            _ => {}
         }
         hint
     }
@@ -817,10 +842,17 @@ mod tests {
             appended(&["data: {\"type\":\"response.output_text.delta\"}\n\n"]),
             None
         );
-        // An event left open is closed first, so that [DONE] is an event of its own.
-        let open = appended(&["data: {\"type\":\"response.completed\"}\n"]).unwrap();
-        assert!(open.starts_with("\n: hangar"), "{open:?}");
-        let cut = appended(&["data: {\"type\":\"response.completed\"}"]).unwrap();
-        assert!(cut.starts_with("\n\n: hangar"), "{cut:?}");
+        // A terminal event cut off before its blank line was never delivered: nothing.
+        assert_eq!(
+            appended(&["data: {\"type\":\"response.completed\"}\n"]),
+            None
+        );
+        assert_eq!(appended(&["data: {\"type\":\"response.completed\"}"]), None);
+        // A long line whose `type` comes last (as pydantic writes it) is still seen.
+        let long = format!(
+            "data: {{\"response\": {{\"pad\": \"{}\"}}, \"sequence_number\": 9, \"type\": \"response.completed\"}}\n\n",
+            "x".repeat(100_000)
+        );
+        assert!(appended(&[&long]).is_some());
     }
 }

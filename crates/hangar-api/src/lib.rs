@@ -17,7 +17,7 @@ use hangar_sandbox::Sandboxes;
 
 pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
-pub use mapping::ChannelAuth;
+pub use mapping::Channels;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -26,8 +26,8 @@ pub struct AppState {
     pub agents: hangar_agents::Agents,
     /// Kept-alive connections to agents.
     pub pool: std::sync::Arc<dataplane::AgentPool>,
-    /// Channel credentials (the Activity Protocol's keys and tokens) and HTTP to channels.
-    pub channels: std::sync::Arc<ChannelAuth>,
+    /// The mapped protocols' state: channel keys and tokens, per-conversation turn locks.
+    pub channels: std::sync::Arc<Channels>,
     /// The largest file upload accepted, in bytes.
     pub max_upload: u64,
 }

@@ -306,14 +306,26 @@ impl ActivityChannel {
                     .into(),
             );
         }
+        // Keys and the client secret travel over these: https, or http to this machine only.
         for (key, url) in [
             ("openid_metadata", Some(self.openid_metadata.as_str())),
             ("token_endpoint", self.token_endpoint.as_deref()),
         ] {
             if let Some(url) = url {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                let local = url.strip_prefix("http://").is_some_and(|rest| {
+                    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+                        if port.bytes().all(|b| b.is_ascii_digit()) {
+                            h
+                        } else {
+                            host
+                        }
+                    });
+                    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+                });
+                if !(url.starts_with("https://") || local) {
                     return Err(format!(
-                        "channels.activity.{key} must be an http(s) URL, not {url:?}"
+                        "channels.activity.{key} must be an https URL (http only to localhost), not {url:?}"
                     ));
                 }
             }

@@ -150,7 +150,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         agents,
         pool: Default::default(),
         channels: std::sync::Arc::new(
-            hangar_api::ChannelAuth::new().map_err(|e| anyhow::anyhow!("{e}"))?,
+            hangar_api::Channels::new().map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
         max_upload: args.max_upload_mib * 1024 * 1024,
     });

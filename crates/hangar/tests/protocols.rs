@@ -398,6 +398,16 @@ fn notes_speaks_ag_ui_activity_and_passes_hangar_check() {
         assert!(r.json()["error"]["message"].is_string());
     }
     assert_eq!(session_count(&server, "notes"), before);
+    // Without an end user there is no AG-UI (thread ids are guessable).
+    let r = http(
+        &server,
+        "POST",
+        "/agents/notes/ag-ui",
+        &[],
+        Some(br#"{"threadId": "t1", "runId": "r9", "messages": [{"id": "x", "role": "user", "content": "list"}]}"#),
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(session_count(&server, "notes"), before);
 
     // ---- Activity Protocol, expectReplies: a note added in one activity is listed later.
     let service_url = channel.url("/");
@@ -441,7 +451,7 @@ fn notes_speaks_ag_ui_activity_and_passes_hangar_check() {
     assert_eq!(replies[0]["body"]["type"], "typing", "{replies:#?}");
     let reply = &replies[1];
     assert_eq!(
-        reply["path"], "/v3/conversations/a%3Aconv%2D1/activities/act%2D3%3Bx%40y",
+        reply["path"], "/v3/conversations/a%3Aconv-1/activities/act-3%3Bx%40y",
         "{reply:#}"
     );
     assert_eq!(reply["authorization"], format!("Bearer bot-token-{APP_ID}"));
@@ -507,6 +517,12 @@ fn notes_speaks_ag_ui_activity_and_passes_hangar_check() {
         ("not a JWT", Some("garbage".to_owned())),
     ];
     let recorded = channel.recorded().len();
+    // A key endorsed for other channels does not sign for this one.
+    let mut webchat = activity(&channel, "a:conv-x", "act-x", "note: forged");
+    webchat["channelId"] = json!("webchat");
+    let r = post_activity(&server, "notes", Some(&token), &webchat);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.text().contains("endorsed"), "{}", r.text());
     for (what, token) in &bad_tokens {
         let r = post_activity(
             &server,
@@ -534,6 +550,26 @@ fn notes_speaks_ag_ui_activity_and_passes_hangar_check() {
         a
     });
     assert!(!r.text().contains("forged"), "{}", r.text());
+
+    // A valid token without a serviceurl claim is accepted; nothing vouches for its
+    // serviceUrl, so the bot's token would not go there (expectReplies needs none).
+    let plain = channel.token(json!({"aud": APP_ID}));
+    let mut a = activity(&channel, "a:conv-1", "act-5", "list");
+    a["deliveryMode"] = json!("expectReplies");
+    let r = post_activity(&server, "notes", Some(&plain), &a);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // An invoke wants an answer of its own: not mapped.
+    let mut invoke = activity(&channel, "a:conv-1", "act-6", "");
+    invoke["type"] = json!("invoke");
+    invoke["name"] = json!("adaptiveCard/action");
+    let r = post_activity(&server, "notes", Some(&token), &invoke);
+    assert_eq!(r.status, 501, "{}", r.text());
+    // A serviceUrl that is not https (or this machine) is refused before anything runs.
+    let mut far = activity(&channel, "a:conv-1", "act-7", "list");
+    far["serviceUrl"] = json!("http://example.com/");
+    let far_token = channel.token(json!({"aud": APP_ID, "serviceurl": "http://example.com/"}));
+    let r = post_activity(&server, "notes", Some(&far_token), &far);
+    assert_eq!(r.status, 400, "{}", r.text());
 }
 
 /// Mapped streams stay streams: with an agent that pauses between events, the first AG-UI

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use hangar_proto::agent::{ActivityChannel, Protocol, SESSION_HEADER};
 use hangar_store::ThreadRow;
 
-use super::{call, ChannelAuth, Step, Text};
+use super::{call, ChannelAuth, Channels, Refused, Step, Text};
 use crate::dataplane::{forward, read_limited, Outbound};
 use crate::{ApiError, AppState};
 
@@ -57,10 +57,10 @@ async fn authenticate(
     ch: &ActivityChannel,
     headers: &HeaderMap,
     activity: &Value,
-) -> Result<bool, ApiError> {
+) -> Result<Option<bool>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         if ch.anonymous {
-            return Ok(false);
+            return Ok(None);
         }
         return Err(unauthorized(
             "there is none (send the channel's JWT as `Authorization: Bearer …`)",
@@ -77,7 +77,14 @@ async fn authenticate(
             ))
         }
     };
-    let claims = auth.verify(ch, token).await.map_err(unauthorized)?;
+    let channel_id = str_at(activity, "/channelId").unwrap_or_default();
+    let claims = auth
+        .verify(ch, token, channel_id)
+        .await
+        .map_err(|e| match e {
+            Refused::Token(m) => unauthorized(m),
+            Refused::Keys(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        })?;
     let claimed = claims
         .get("serviceurl")
         .or_else(|| claims.get("serviceUrl"))
@@ -87,7 +94,7 @@ async fn authenticate(
         tracing::warn!(
             "a channel token without a serviceurl claim: replies are sent without the bot's token"
         );
-        return Ok(false);
+        return Ok(Some(false));
     };
     let actual = str_at(activity, "/serviceUrl").unwrap_or_default();
     if claimed.trim_end_matches('/') != actual.trim_end_matches('/') {
@@ -95,7 +102,55 @@ async fn authenticate(
             "its serviceurl claim {claimed:?} is not the activity's serviceUrl {actual:?}"
         )));
     }
-    Ok(true)
+    Ok(Some(true))
+}
+
+/// Where replies may go: an https URL, or http to this machine (a local emulator); never with
+/// credentials, a query or a fragment in it. A request no channel token vouched for may only
+/// name this machine.
+fn check_service_url(u: &str, authenticated: bool) -> Result<(), ApiError> {
+    let url = url::Url::parse(u).map_err(|e| bad(format!("serviceUrl {u:?}: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("serviceUrl must not carry credentials"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("serviceUrl must not have a query or a fragment"));
+    }
+    let local = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    };
+    match (url.scheme(), local, authenticated) {
+        (_, true, _) if matches!(url.scheme(), "http" | "https") => Ok(()),
+        ("https", false, true) => Ok(()),
+        ("https", false, false) => Err(bad(
+            "an activity without a channel token may only name a serviceUrl on this machine (local testing)",
+        )),
+        _ => Err(bad(format!(
+            "serviceUrl {u:?} must be https (http only to this machine)"
+        ))),
+    }
+}
+
+/// The end user an activity comes from. On Teams, the Entra object id (the same person
+/// whichever client they use); elsewhere `from.id` is the channel's own, and a client may
+/// choose it, so it is kept apart per channel.
+fn user_of(activity: &Value) -> Result<String, ApiError> {
+    let channel = str_at(activity, "/channelId").unwrap_or("unknown");
+    let user = match str_at(activity, "/from/aadObjectId") {
+        Some(oid) if channel == "msteams" => oid.to_owned(),
+        _ => {
+            let id =
+                str_at(activity, "/from/id").ok_or_else(|| bad("the activity has no from.id"))?;
+            format!("{channel}:{id}")
+        }
+    };
+    if user.len() > 256 {
+        return Err(bad("from.id is longer than 256 bytes"));
+    }
+    Ok(user)
 }
 
 /// `POST /agents/{name}/api/messages`.
@@ -111,7 +166,7 @@ pub async fn messages(
     if !activity.is_object() {
         return Err(bad("the body must be an Activity (a JSON object)"));
     }
-    let spec = st.agents.latest_spec(&name).await?;
+    let spec = st.agents.serving_spec(&name).await?;
     let ch = spec.channels.activity.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -119,37 +174,39 @@ pub async fn messages(
             format!("agent {name:?} has no Activity Protocol channel (add channels.activity to its agent.yaml)"),
         )
     })?;
-    let vouched = authenticate(&st.channels, &ch, &parts.headers, &activity).await?;
+    let auth = authenticate(&st.channels.auth, &ch, &parts.headers, &activity).await?;
+    let vouched = auth == Some(true);
 
     let kind = str_at(&activity, "/type").ok_or_else(|| bad("the activity has no type"))?;
     let conversation = str_at(&activity, "/conversation/id")
         .ok_or_else(|| bad("the activity has no conversation.id"))?
         .to_owned();
-    let user = str_at(&activity, "/from/aadObjectId")
-        .or_else(|| str_at(&activity, "/from/id"))
-        .ok_or_else(|| bad("the activity has no from.id"))?
-        .to_owned();
+    if conversation.len() > 512 {
+        return Err(bad("conversation.id is longer than 512 bytes"));
+    }
+    let user = user_of(&activity)?;
     let expect_replies = str_at(&activity, "/deliveryMode") == Some("expectReplies");
     let service_url = str_at(&activity, "/serviceUrl").map(str::to_owned);
     if let Some(u) = &service_url {
-        if !(u.starts_with("https://") || u.starts_with("http://")) {
-            return Err(bad(format!("serviceUrl {u:?} is not an http(s) URL")));
-        }
+        check_service_url(u, auth.is_some())?;
     }
 
     if spec.protocols.contains(&Protocol::Activity) {
-        // The agent speaks the protocol itself: the activity goes to it as it came.
+        // The agent speaks the protocol itself: the activity goes to it as it came, without
+        // the channel's token (checked here; in an untrusted sandbox it could be replayed).
         let thread = st
             .agents
             .route_thread(&name, &user, PROTOCOL, &conversation)
             .await?;
+        let mut headers = parts.headers.clone();
+        headers.remove(header::AUTHORIZATION);
         return forward(
             &st.pool,
             thread.lease,
             Method::POST,
             "/activity/messages",
             None,
-            &parts.headers,
+            &headers,
             Outbound::Buffered(body),
             None,
         )
@@ -162,6 +219,14 @@ pub async fn messages(
     }
 
     let text = str_at(&activity, "/text").unwrap_or_default().to_owned();
+    if kind == "invoke" {
+        // An invoke wants an answer of its own (a card action, a task module): none here.
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "invoke activities are not mapped onto /responses",
+        ));
+    }
     if kind != "message" || text.trim().is_empty() {
         // conversationUpdate, typing, event, …: acknowledged; nothing for the agent.
         return Ok(acknowledge(expect_replies, vec![], None));
@@ -187,7 +252,9 @@ pub async fn messages(
         session: String::new(),
     };
 
+    let lock_key = format!("{}\0{}\0{}", turn.name, turn.user, turn.conversation);
     if expect_replies {
+        let _turn = st.channels.turn_lock(lock_key).await;
         let thread = turn.route(&mut request).await?;
         let session = turn.session.clone();
         let mut agent = call(&st, &turn.name, &turn.user, thread, &request).await?;
@@ -211,8 +278,9 @@ pub async fn messages(
                 None => unreachable!("a turn ends with Done or Failed"),
             }
         };
-        turn.record(&response).await;
         let text = text.finish(&response);
+        // Recorded even if the client has gone by now.
+        tokio::spawn(async move { turn.record(&response).await });
         let replies = if text.is_empty() {
             vec![]
         } else {
@@ -222,7 +290,13 @@ pub async fn messages(
     }
 
     // Asynchronous: acknowledged at once; the session is found (or made, or resumed) and the
-    // reply goes to the connector when it is ready.
+    // reply goes to the connector when it is ready. A channel retrying an activity it already
+    // sent is acknowledged again, and the turn runs once.
+    if let Some(id) = str_at(&activity, "/id") {
+        if st.channels.seen(format!("{lock_key}\0{id}")) {
+            return Ok(acknowledge(false, vec![], None));
+        }
+    }
     let channel = Replies {
         auth: st.channels.clone(),
         agents: st.agents.clone(),
@@ -231,7 +305,9 @@ pub async fn messages(
         vouched,
         url: reply_url(service_url.as_deref().unwrap_or_default(), &activity),
     };
+    let channels = st.channels.clone();
     tokio::spawn(async move {
+        let _turn = channels.turn_lock(lock_key).await;
         let started = match turn.route(&mut request).await {
             Ok(lease) => call(&turn.st, &turn.name, &turn.user, lease, &request).await,
             Err(e) => Err(e),
@@ -330,9 +406,13 @@ fn reply(activity: &Value, kind: &str, text: Option<&str>) -> Value {
 }
 
 fn reply_url(service_url: &str, activity: &Value) -> String {
-    let enc = |s: &str| {
-        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
+    // As `encodeURIComponent`: RFC 3986's unreserved characters stay as they are.
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string();
     let base = service_url.trim_end_matches('/');
     let conv = enc(str_at(activity, "/conversation/id").unwrap_or_default());
     match str_at(activity, "/id") {
@@ -384,7 +464,7 @@ impl Turn {
 
 /// Sends reply activities to the channel's connector.
 struct Replies {
-    auth: Arc<ChannelAuth>,
+    auth: Arc<Channels>,
     agents: hangar_agents::Agents,
     agent: String,
     ch: ActivityChannel,
@@ -406,7 +486,11 @@ impl Replies {
             .map_err(|e| e.to_string())?;
         let value =
             String::from_utf8(value).map_err(|_| format!("secret {secret:?} is not UTF-8"))?;
-        self.auth.bot_token(&self.ch, &value).await.map(Some)
+        self.auth
+            .auth
+            .bot_token(&self.agent, &self.ch, &value)
+            .await
+            .map(Some)
     }
 
     async fn post(&self, activity: &Value) {
@@ -417,7 +501,7 @@ impl Replies {
                 return;
             }
         };
-        let mut req = self.auth.http().post(&self.url).json(activity);
+        let mut req = self.auth.auth.http().post(&self.url).json(activity);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

@@ -21,11 +21,11 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use hangar_proto::agent::SESSION_HEADER;
+use hangar_proto::agent::{SESSION_HEADER, USER_HEADER};
 use hangar_store::ThreadRow;
 
 use super::{call, require_responses, Step};
-use crate::dataplane::{read_limited, user_of};
+use crate::dataplane::{read_limited, user_of, ANONYMOUS};
 use crate::{ApiError, AppState};
 
 pub const PROTOCOL: &str = "ag-ui";
@@ -175,7 +175,18 @@ pub async fn run(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
+    // Thread ids are the client's and often guessable (`default`, `main`): callers who share
+    // the anonymous key would continue each other's threads. AG-UI needs an end user.
     let user = user_of(&parts.headers)?;
+    if user == ANONYMOUS {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!(
+                "AG-UI needs an end user: send {USER_HEADER} (authentication arrives with issue 6)"
+            ),
+        ));
+    }
     let body = read_limited(body).await?;
     let input: RunAgentInput = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("the body is not a RunAgentInput: {e}")))?;
@@ -188,6 +199,11 @@ pub async fn run(
     require_responses(&st, &name, "AG-UI").await?;
     // Every message is checked before anything is routed: bad input makes no session.
     input_items(&input.messages)?;
+    // The thread's runs one at a time: each chains on the last.
+    let guard = st
+        .channels
+        .turn_lock(format!("{name}\0{user}\0{}", input.thread_id))
+        .await;
     let thread = st
         .agents
         .route_thread(&name, &user, PROTOCOL, &input.thread_id)
@@ -224,11 +240,26 @@ pub async fn run(
     let mut metadata = Map::new();
     metadata.insert("agui_thread_id".into(), json!(input.thread_id));
     metadata.insert("agui_run_id".into(), json!(input.run_id));
-    if let Some(s) = &input.state {
-        metadata.insert("agui_state".into(), json!(s.to_string()));
-    }
-    if let Some(p) = &input.forwarded_props {
-        metadata.insert("agui_forwarded_props".into(), json!(p.to_string()));
+    // Metadata values are short strings (512 characters in OpenAI's API); what is longer
+    // goes to the agent as a developer message instead.
+    for (key, what, value) in [
+        ("agui_state", "state", &input.state),
+        (
+            "agui_forwarded_props",
+            "forwarded properties",
+            &input.forwarded_props,
+        ),
+    ] {
+        let Some(value) = value else { continue };
+        let text = value.to_string();
+        if text.chars().count() <= 512 {
+            metadata.insert(key.into(), json!(text));
+        } else {
+            items.insert(
+                0,
+                json!({"type": "message", "role": "developer", "content": format!("The application's {what} (JSON): {text}")}),
+            );
+        }
     }
     let mut request = json!({"input": items, "stream": true, "metadata": metadata});
     if let Some(prev) = previous {
@@ -252,7 +283,7 @@ pub async fn run(
     let session = thread.lease.session_id.clone();
     let session_header = HeaderValue::from_str(&session).expect("session ids are ASCII");
     let mut agent = call(&st, &name, &user, thread.lease, &request).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let (thread_id, run_id) = (input.thread_id, input.run_id);
     let mut started = json!({"type": "RUN_STARTED", "threadId": thread_id, "runId": run_id});
     if let Some(p) = input.parent_run_id {
@@ -266,8 +297,10 @@ pub async fn run(
         .and_then(|m| m["id"].as_str())
         .map(str::to_owned);
     tokio::spawn(async move {
-        // The run goes on to its end even if the client leaves, so that the thread's
-        // chain stays whole for its next run.
+        // The run goes on to its end even if the client leaves (within the turn's time
+        // limits), so that the thread's chain stays whole for its next run.
+        let _turn = guard;
+        let mut pending_calls: Vec<String> = vec![];
         let send = |b: Bytes| {
             let tx = tx.clone();
             async move {
@@ -295,6 +328,7 @@ pub async fn run(
                         .clone()
                         .unwrap_or_else(|| format!("msg_{call_id}"));
                     last_message = Some(parent.clone());
+                    pending_calls.push(call_id.clone());
                     json!({"type": "TOOL_CALL_START", "toolCallId": call_id, "toolCallName": name, "parentMessageId": parent})
                 }
                 Step::ToolArgs { call_id, delta } => {
@@ -324,7 +358,14 @@ pub async fn run(
                     {
                         tracing::warn!(error = %e, thread = %thread_id, "cannot record the AG-UI thread's turn");
                     }
-                    json!({"type": "RUN_FINISHED", "threadId": thread_id, "runId": run_id})
+                    let mut finished =
+                        json!({"type": "RUN_FINISHED", "threadId": thread_id, "runId": run_id});
+                    if !pending_calls.is_empty() {
+                        // Frontend tools: the application answers them in the next run.
+                        finished["outcome"] =
+                            json!({"type": "success", "pendingToolCallIds": pending_calls});
+                    }
+                    finished
                 }
                 Step::Failed { message, code } => {
                     let mut e = json!({"type": "RUN_ERROR", "message": message});

@@ -24,7 +24,31 @@ const MAX_DOC: usize = 1024 * 1024;
 
 struct Keys {
     set: JwkSet,
+    /// Per key id, the channels its `endorsements` name (the Bot Framework's extension).
+    endorsements: HashMap<String, Vec<String>>,
     fetched: Instant,
+    /// The last fetch failed then: no new attempt before [`BACKOFF`] has passed.
+    failed: Option<Instant>,
+}
+
+/// After a failed fetch of keys, how long before the next attempt.
+const BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why a token was not accepted.
+#[derive(Debug)]
+pub enum Refused {
+    /// The token is bad: 401.
+    Token(String),
+    /// The keys to check it cannot be had now: 503.
+    Keys(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Token(m) | Refused::Keys(m) => f.write_str(m),
+        }
+    }
 }
 
 struct Token {
@@ -36,7 +60,9 @@ struct Token {
 pub struct ChannelAuth {
     http: reqwest::Client,
     keys: Mutex<HashMap<String, Keys>>,
-    tokens: Mutex<HashMap<(String, String, String), Token>>,
+    /// By (agent, endpoint, app id, scope, a digest of the secret): one agent's token is never
+    /// another's, even under the same app id.
+    tokens: Mutex<HashMap<String, Token>>,
 }
 
 impl ChannelAuth {
@@ -62,7 +88,7 @@ impl ChannelAuth {
     }
 
     async fn get_json(&self, url: &str) -> Result<Value, String> {
-        let mut resp = self
+        let resp = self
             .http
             .get(url)
             .send()
@@ -71,17 +97,13 @@ impl ChannelAuth {
         if !resp.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", resp.status()));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
-            body.extend_from_slice(&chunk);
-            if body.len() > MAX_DOC {
-                return Err(format!("GET {url}: larger than {MAX_DOC} bytes"));
-            }
-        }
+        let body = read_bounded(resp)
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
         serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not JSON: {e}"))
     }
 
-    async fn fetch_keys(&self, openid: &str) -> Result<JwkSet, String> {
+    async fn fetch_keys(&self, openid: &str) -> Result<Keys, String> {
         let meta = self.get_json(openid).await?;
         let jwks_uri = meta["jwks_uri"]
             .as_str()
@@ -90,61 +112,131 @@ impl ChannelAuth {
         // Keys the library cannot read (other key types, extra members it rejects) are
         // dropped one by one rather than failing the whole set.
         let keys: Vec<Value> = set["keys"].as_array().cloned().unwrap_or_default();
-        let usable: Vec<Value> = keys
-            .into_iter()
-            .filter(|k| serde_json::from_value::<jsonwebtoken::jwk::Jwk>(k.clone()).is_ok())
-            .collect();
-        serde_json::from_value(serde_json::json!({ "keys": usable }))
-            .map_err(|e| format!("{jwks_uri}: {e}"))
+        let mut endorsements = HashMap::new();
+        let mut usable = vec![];
+        for k in keys {
+            if serde_json::from_value::<jsonwebtoken::jwk::Jwk>(k.clone()).is_err() {
+                continue;
+            }
+            if let (Some(kid), Some(e)) = (k["kid"].as_str(), k["endorsements"].as_array()) {
+                endorsements.insert(
+                    kid.to_owned(),
+                    e.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect(),
+                );
+            }
+            usable.push(k);
+        }
+        let set = serde_json::from_value(serde_json::json!({ "keys": usable }))
+            .map_err(|e| format!("{jwks_uri}: {e}"))?;
+        Ok(Keys {
+            set,
+            endorsements,
+            fetched: Instant::now(),
+            failed: None,
+        })
     }
 
-    /// The key `kid` of the channel's issuer.
-    async fn key(&self, openid: &str, kid: &str) -> Result<DecodingKey, String> {
+    /// The key `kid` of the channel's issuer, and the channels it is endorsed for. Keys
+    /// are fetched again when old or when a token names an unknown one (at most every five
+    /// minutes); a failed fetch is not retried for 30 s, and the keys held meanwhile, however
+    /// old, still serve.
+    async fn key(&self, openid: &str, kid: &str) -> Result<(DecodingKey, Vec<String>), Refused> {
         let mut cache = self.keys.lock().await;
-        let fresh = cache.get(openid).is_some_and(|k| {
-            k.fetched.elapsed() < KEYS_FOR
-                && (k.set.find(kid).is_some() || k.fetched.elapsed() < REFETCH_AFTER)
-        });
-        if !fresh {
-            let set = self.fetch_keys(openid).await?;
-            cache.insert(
-                openid.to_owned(),
-                Keys {
-                    set,
-                    fetched: Instant::now(),
-                },
-            );
+        let want = match cache.get(openid) {
+            None => true,
+            Some(k) if k.failed.is_some_and(|t| t.elapsed() < BACKOFF) => false,
+            Some(k) => {
+                k.fetched.elapsed() >= KEYS_FOR
+                    || (k.set.find(kid).is_none() && k.fetched.elapsed() >= REFETCH_AFTER)
+            }
+        };
+        if want {
+            match self.fetch_keys(openid).await {
+                Ok(keys) => {
+                    cache.insert(openid.to_owned(), keys);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch the channel's signing keys");
+                    match cache.get_mut(openid) {
+                        Some(k) => k.failed = Some(Instant::now()),
+                        None => {
+                            return Err(Refused::Keys(format!(
+                                "the channel's signing keys cannot be fetched: {e}"
+                            )))
+                        }
+                    }
+                }
+            }
         }
-        let jwk = cache[openid]
+        let Some(keys) = cache.get(openid) else {
+            return Err(Refused::Keys(
+                "the channel's signing keys cannot be fetched now".into(),
+            ));
+        };
+        let jwk = keys
             .set
             .find(kid)
-            .ok_or_else(|| format!("no signing key {kid:?} at {openid}"))?;
-        DecodingKey::from_jwk(jwk).map_err(|e| format!("signing key {kid:?}: {e}"))
+            .ok_or_else(|| Refused::Token(format!("no signing key {kid:?} at {openid}")))?;
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| Refused::Token(format!("signing key {kid:?}: {e}")))?;
+        Ok((key, keys.endorsements.get(kid).cloned().unwrap_or_default()))
     }
 
-    /// Checks a channel's bearer token: RS256 by a key of the configured issuer, `iss`,
-    /// `aud` = the bot's app id, `exp`/`nbf` within five minutes. Returns its claims.
-    pub async fn verify(&self, ch: &ActivityChannel, token: &str) -> Result<Value, String> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
+    /// Checks a channel's bearer token: RS256 by a key of the configured issuer, endorsed for
+    /// `channel_id` where the key lists endorsements, `iss`, `aud` = the bot's app id,
+    /// `exp`/`nbf` within five minutes. Returns its claims.
+    pub async fn verify(
+        &self,
+        ch: &ActivityChannel,
+        token: &str,
+        channel_id: &str,
+    ) -> Result<Value, Refused> {
+        let bad = |m: String| Refused::Token(m);
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| bad(format!("not a JWT: {e}")))?;
         if header.alg != Algorithm::RS256 {
-            return Err(format!("tokens must be RS256, not {:?}", header.alg));
+            return Err(bad(format!("tokens must be RS256, not {:?}", header.alg)));
         }
-        let kid = header.kid.ok_or("the token names no key (kid)")?;
-        let key = self.key(&ch.openid_metadata, &kid).await?;
+        let kid = header
+            .kid
+            .ok_or_else(|| bad("the token names no key (kid)".into()))?;
+        let (key, endorsed) = self.key(&ch.openid_metadata, &kid).await?;
         let mut v = Validation::new(Algorithm::RS256);
         v.set_issuer(&[ch.issuer.as_str()]);
         v.set_audience(&[ch.app_id.as_str()]);
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
         v.leeway = LEEWAY_SECS;
         v.validate_nbf = true;
-        let data = jsonwebtoken::decode::<Value>(token, &key, &v).map_err(|e| e.to_string())?;
+        let data =
+            jsonwebtoken::decode::<Value>(token, &key, &v).map_err(|e| bad(e.to_string()))?;
+        if !endorsed.is_empty() && !endorsed.iter().any(|c| c == channel_id) {
+            return Err(bad(format!(
+                "its signing key is not endorsed for channel {channel_id:?}"
+            )));
+        }
         Ok(data.claims)
     }
 
     /// The bot's token for the connector (OAuth 2.0 client credentials), cached.
-    pub async fn bot_token(&self, ch: &ActivityChannel, secret: &str) -> Result<String, String> {
+    pub async fn bot_token(
+        &self,
+        agent: &str,
+        ch: &ActivityChannel,
+        secret: &str,
+    ) -> Result<String, String> {
+        use sha2::Digest;
         let endpoint = ch.token_endpoint();
-        let key = (endpoint.clone(), ch.app_id.clone(), ch.scope.clone());
+        let key = [
+            agent,
+            &endpoint,
+            &ch.app_id,
+            &ch.scope,
+            &hex::encode(sha2::Sha256::digest(secret.as_bytes())),
+        ]
+        .join("\0");
         let mut cache = self.tokens.lock().await;
         if let Some(t) = cache.get(&key) {
             if Instant::now() < t.refresh_at {
@@ -169,10 +261,11 @@ impl ChannelAuth {
             .await
             .map_err(|e| format!("POST {endpoint}: {e}"))?;
         let status = resp.status();
-        let body: Value = resp
-            .json()
+        let bytes = read_bounded(resp)
             .await
-            .map_err(|e| format!("POST {endpoint}: HTTP {status}, {e}"))?;
+            .map_err(|e| format!("POST {endpoint}: {e}"))?;
+        let body: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("POST {endpoint}: HTTP {status}, not JSON: {e}"))?;
         if !status.is_success() {
             return Err(format!(
                 "POST {endpoint}: HTTP {status}: {}",
@@ -196,4 +289,16 @@ impl ChannelAuth {
         );
         Ok(value)
     }
+}
+
+/// An answer's body, at most [`MAX_DOC`] bytes.
+async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_DOC {
+            return Err(format!("larger than {MAX_DOC} bytes"));
+        }
+    }
+    Ok(body)
 }

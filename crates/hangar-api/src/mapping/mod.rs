@@ -26,8 +26,62 @@ use hangar_proto::agent::Protocol;
 use crate::dataplane::{forward, Capture, Outbound};
 use crate::{ApiError, AppState};
 
-pub use jwt::ChannelAuth;
+pub(crate) use jwt::{ChannelAuth, Refused};
 pub(crate) use turn::{output_text, Step};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+/// What the mapped protocols keep between requests: the channels' keys and tokens, one lock
+/// per conversation (its turns run one at a time, so that each chains on the last and two
+/// first turns do not make two sessions), and the Activity ids recently taken (a channel
+/// that retries a slow turn does not run it twice).
+pub struct Channels {
+    pub(crate) auth: ChannelAuth,
+    locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    seen: StdMutex<HashMap<String, Instant>>,
+}
+
+/// How long an Activity id is remembered.
+const SEEN_FOR: Duration = Duration::from_secs(600);
+
+impl Channels {
+    pub fn new() -> Result<Channels, String> {
+        Ok(Channels {
+            auth: ChannelAuth::new()?,
+            locks: StdMutex::new(HashMap::new()),
+            seen: StdMutex::new(HashMap::new()),
+        })
+    }
+
+    /// Waits for the conversation's earlier turn to end; the guard is this turn's.
+    pub(crate) async fn turn_lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap();
+            if locks.len() > 4096 {
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            locks.entry(key).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// Whether `key` was taken within the last ten minutes (and takes it if not).
+    pub(crate) fn seen(&self, key: String) -> bool {
+        let mut seen = self.seen.lock().unwrap();
+        if seen.len() > 65_536 {
+            seen.retain(|_, t| t.elapsed() < SEEN_FOR);
+        }
+        match seen.get(&key) {
+            Some(t) if t.elapsed() < SEEN_FOR => true,
+            _ => {
+                seen.insert(key, Instant::now());
+                false
+            }
+        }
+    }
+}
 
 /// The text of a turn's messages as they stream, messages apart by a blank line.
 #[derive(Default)]
@@ -35,12 +89,20 @@ pub(crate) struct Text(Vec<String>);
 
 impl Text {
     pub fn step(&mut self, step: &Step) {
+        let size: usize = self.0.iter().map(String::len).sum();
         match step {
             Step::TextStart { .. } => self.0.push(String::new()),
-            Step::TextDelta { delta, .. } => match self.0.last_mut() {
-                Some(t) => t.push_str(delta),
-                None => self.0.push(delta.clone()),
-            },
+            Step::TextDelta { delta, .. } if size < MAX_TEXT => {
+                let mut room = MAX_TEXT - size;
+                while !delta.is_char_boundary(room.min(delta.len())) {
+                    room -= 1;
+                }
+                let delta = &delta[..room.min(delta.len())];
+                match self.0.last_mut() {
+                    Some(t) => t.push_str(delta),
+                    None => self.0.push(delta.to_owned()),
+                }
+            }
             _ => {}
         }
     }
@@ -58,6 +120,12 @@ impl Text {
 
 /// The largest non-streamed answer read.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// A turn whose agent sends nothing for this long fails.
+const IDLE: Duration = Duration::from_secs(300);
+/// No turn lasts longer (a turn holds its session running).
+const TURN: Duration = Duration::from_secs(3600);
+/// The most text a turn collects for a reply that is one message.
+const MAX_TEXT: usize = 256 * 1024;
 
 /// Refuses a mapping onto an agent that does not implement `/responses`.
 pub(crate) async fn require_responses(
@@ -65,7 +133,7 @@ pub(crate) async fn require_responses(
     agent: &str,
     what: &str,
 ) -> Result<hangar_proto::agent::AgentSpec, ApiError> {
-    let spec = st.agents.latest_spec(agent).await?;
+    let spec = st.agents.serving_spec(agent).await?;
     if !spec.protocols.contains(&Protocol::Responses) {
         return Err(ApiError::bad_request(format!(
             "{what} is mapped onto the agent's /responses, and agent {agent:?} does not implement it (protocols: {})",
@@ -83,6 +151,7 @@ pub(crate) struct AgentCall {
     turn: turn::Turn,
     queue: VecDeque<Step>,
     json: Vec<u8>,
+    deadline: tokio::time::Instant,
 }
 
 /// Sends `request` (a Responses create body) to the agent of `lease`'s session; returns once
@@ -134,6 +203,7 @@ pub(crate) async fn call(
         turn: Default::default(),
         queue: VecDeque::new(),
         json: Vec::new(),
+        deadline: tokio::time::Instant::now() + TURN,
     };
     if !status.is_success() {
         let body = call.body.take().expect("just set");
@@ -180,7 +250,24 @@ impl AgentCall {
             }
             let body = self.body.as_mut()?;
             let mut out = vec![];
-            match body.frame().await {
+            let wait = IDLE.min(
+                self.deadline
+                    .saturating_duration_since(tokio::time::Instant::now()),
+            );
+            let Ok(frame) = tokio::time::timeout(wait, body.frame()).await else {
+                self.turn.fail(
+                    format!(
+                        "the agent's turn ran out of time ({} s without a word, or {} s in all)",
+                        IDLE.as_secs(),
+                        TURN.as_secs()
+                    ),
+                    Some("timeout".into()),
+                    &mut out,
+                );
+                self.queue.extend(out);
+                continue;
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
                         continue;
