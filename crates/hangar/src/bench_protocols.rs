@@ -35,13 +35,14 @@ const USER: &str = "bench-protocols";
 async fn timed(
     conn: &mut SendRequest<Full<Bytes>>,
     path: &str,
+    user: &str,
     session: Option<&str>,
     body: &Value,
 ) -> anyhow::Result<(f64, f64, Option<String>)> {
     let mut req = hyper::Request::post(path)
         .header("host", "localhost")
         .header("content-type", "application/json")
-        .header(USER_HEADER, USER);
+        .header(USER_HEADER, user);
     if let Some(s) = session {
         req = req.header(SESSION_HEADER, s);
     }
@@ -132,13 +133,13 @@ pub async fn run(url: &str, b: ProtocolsBench) -> anyhow::Result<ExitCode> {
         json!({"threadId": "bench", "runId": format!("r{i}"),
                "messages": [{"id": format!("m{i}"), "role": "user", "content": "hello"}]})
     };
-    let (_, _, session) = timed(&mut conn, &agui_path, None, &agui_body(0)).await?;
+    let (_, _, session) = timed(&mut conn, &agui_path, USER, None, &agui_body(0)).await?;
     let session = session.ok_or_else(|| anyhow::anyhow!("AG-UI answered without a session"))?;
     eprintln!("ag-ui on session {session}: {} runs…", b.requests);
     let mut s = Series::new();
     for i in 0..b.requests + 10 {
-        let (f, t, _) = timed(&mut conn, &agui_path, None, &agui_body(i + 1)).await?;
-        let (df, dt, _) = timed(&mut conn, &responses, Some(&session), &direct_body).await?;
+        let (f, t, _) = timed(&mut conn, &agui_path, USER, None, &agui_body(i + 1)).await?;
+        let (df, dt, _) = timed(&mut conn, &responses, USER, Some(&session), &direct_body).await?;
         if i >= 10 {
             s.first.push(f);
             s.total.push(t);
@@ -156,7 +157,7 @@ pub async fn run(url: &str, b: ProtocolsBench) -> anyhow::Result<ExitCode> {
                "from": {"id": USER}, "recipient": {"id": "bot"},
                "conversation": {"id": "bench"}, "text": "hello"})
     };
-    match timed(&mut conn, &activity_path, None, &activity(0)).await {
+    match timed(&mut conn, &activity_path, USER, None, &activity(0)).await {
         Err(e) => {
             eprintln!("activity skipped: {e}");
             results.insert("activity".into(), json!({"skipped": e.to_string()}));
@@ -167,9 +168,16 @@ pub async fn run(url: &str, b: ProtocolsBench) -> anyhow::Result<ExitCode> {
             eprintln!("activity on session {session}: {} turns…", b.requests);
             let mut s = Series::new();
             for i in 0..b.requests + 10 {
-                let (f, t, _) = timed(&mut conn, &activity_path, None, &activity(i + 1)).await?;
-                let (df, dt, _) =
-                    timed(&mut conn, &responses, Some(&session), &direct_body).await?;
+                let (f, t, _) = timed(&mut conn, &activity_path, USER, None, &activity(i + 1)).await?;
+                // The Activity user is the channel's (`{channelId}:{from.id}`).
+                let (df, dt, _) = timed(
+                    &mut conn,
+                    &responses,
+                    &format!("bench:{USER}"),
+                    Some(&session),
+                    &direct_body,
+                )
+                .await?;
                 if i >= 10 {
                     s.first.push(f);
                     s.total.push(t);
