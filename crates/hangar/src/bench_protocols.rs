@@ -168,7 +168,8 @@ pub async fn run(url: &str, b: ProtocolsBench) -> anyhow::Result<ExitCode> {
             eprintln!("activity on session {session}: {} turns…", b.requests);
             let mut s = Series::new();
             for i in 0..b.requests + 10 {
-                let (f, t, _) = timed(&mut conn, &activity_path, USER, None, &activity(i + 1)).await?;
+                let (f, t, _) =
+                    timed(&mut conn, &activity_path, USER, None, &activity(i + 1)).await?;
                 // The Activity user is the channel's (`{channelId}:{from.id}`).
                 let (df, dt, _) = timed(
                     &mut conn,

@@ -198,7 +198,9 @@ pub async fn run(
     }
     require_responses(&st, &name, "AG-UI").await?;
     // Every message is checked before anything is routed: bad input makes no session.
-    input_items(&input.messages)?;
+    if input_items(&input.messages)?.is_empty() && input.context.is_empty() {
+        return Err(bad("messages holds nothing to run"));
+    }
     // The thread's runs one at a time: each chains on the last.
     let guard = st
         .channels
