@@ -5,6 +5,7 @@
 //! state of its own and never touches a runtime directly.
 
 mod agents;
+mod audit;
 mod dataplane;
 mod error;
 mod images;
@@ -15,6 +16,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use hangar_sandbox::Sandboxes;
 
+pub use audit::{Audit, REQUEST_ID_HEADER};
 pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
 pub use mapping::Channels;
@@ -26,6 +28,8 @@ pub struct AppState {
     pub agents: hangar_agents::Agents,
     /// Kept-alive connections to agents.
     pub pool: std::sync::Arc<dataplane::AgentPool>,
+    /// The audit trail.
+    pub audit: std::sync::Arc<Audit>,
     /// The mapped protocols' state: channel keys and tokens, per-conversation turn locks.
     pub channels: std::sync::Arc<Channels>,
     /// The largest file upload accepted, in bytes.
@@ -125,6 +129,12 @@ pub fn router(state: AppState) -> Router {
             post(mapping::activity::messages),
         )
         .route("/agents/{name}/invocations_ws", get(dataplane::invocations))
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/audit/verify", get(audit::verify))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
+        ))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

@@ -7,6 +7,10 @@
 //! or speaks HTTP. Timestamps are RFC 3339 UTC strings supplied by the caller, so that tests
 //! and the service agree on one clock.
 
+mod audit;
+
+pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, GENESIS};
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};

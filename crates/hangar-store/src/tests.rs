@@ -260,3 +260,54 @@ async fn reopening_keeps_everything() {
     assert_eq!(s.traffic("notes").await.unwrap(), vec![(1, 100)]);
     assert!(s.session("s1").await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn the_audit_chain_shows_edits_removals_and_moves() {
+    let (_dir, s) = store().await;
+    for i in 1..=5 {
+        let e = AuditEntry {
+            actor: "operator".into(),
+            action: "session.exec".into(),
+            agent: Some("notes".into()),
+            session: Some(format!("sess_{}", i % 2)),
+            request_id: Some(format!("req_{i}")),
+            detail: json!({"n": i}),
+        };
+        let r = s.append_audit(&e, "2026-11-27T00:00:00Z").await.unwrap();
+        assert_eq!(r.seq, i);
+    }
+    assert_eq!(s.verify_audit().await.unwrap().unwrap().0, 5);
+    let f = AuditFilter {
+        session: Some("sess_1".into()),
+        ..Default::default()
+    };
+    let listed: Vec<i64> = s.audit(&f).await.unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(listed, [1, 3, 5]);
+
+    let exec = |sql: &'static str| {
+        let pool = s.pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    // Edited.
+    exec("UPDATE audit SET detail = '{\"n\":99}' WHERE seq = 3").await;
+    let b = s.verify_audit().await.unwrap().unwrap_err();
+    assert_eq!(b.seq, 3);
+    assert!(b.problem.contains("edited"), "{b:?}");
+    exec("UPDATE audit SET detail = '{\"n\":3}' WHERE seq = 3").await;
+    assert!(s.verify_audit().await.unwrap().is_ok());
+    // Moved: records 2 and 4 swap places.
+    exec("UPDATE audit SET seq = 100 WHERE seq = 2").await;
+    exec("UPDATE audit SET seq = 2 WHERE seq = 4").await;
+    exec("UPDATE audit SET seq = 4 WHERE seq = 100").await;
+    let b = s.verify_audit().await.unwrap().unwrap_err();
+    assert_eq!(b.seq, 2, "{b:?}");
+    exec("UPDATE audit SET seq = 100 WHERE seq = 2").await;
+    exec("UPDATE audit SET seq = 2 WHERE seq = 4").await;
+    exec("UPDATE audit SET seq = 4 WHERE seq = 100").await;
+    assert!(s.verify_audit().await.unwrap().is_ok());
+    // Removed.
+    exec("DELETE FROM audit WHERE seq = 4").await;
+    let b = s.verify_audit().await.unwrap().unwrap_err();
+    assert_eq!(b.seq, 4);
+    assert!(b.problem.contains("missing"), "{b:?}");
+}

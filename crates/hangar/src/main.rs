@@ -5,6 +5,7 @@
 
 mod agent_yaml;
 mod agents_cmd;
+mod audit_cmd;
 mod bench;
 mod bench_agents;
 mod bench_protocols;
@@ -82,6 +83,9 @@ enum Command {
     /// Sessions: list, create, show, exec, cp, logs, suspend, resume, rm.
     #[command(subcommand)]
     Sessions(agents_cmd::SessionsCmd),
+    /// The audit trail: ls, verify.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCmd),
     /// An agent's secrets: set (from stdin), ls, rm.
     #[command(subcommand)]
     Secrets(secrets_cmd::SecretsCmd),
@@ -138,6 +142,7 @@ fn main() -> std::process::ExitCode {
             Command::Sessions(cmd) => {
                 agents_cmd::sessions(&client::Client::new(&cli.url)?, cmd).await
             }
+            Command::Audit(cmd) => audit_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Secrets(cmd) => secrets_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Images(cmd) => images_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Sandbox(cmd) => sandbox_cmd::run(&client::Client::new(&cli.url)?, cmd).await,

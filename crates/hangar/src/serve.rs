@@ -144,10 +144,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     )
     .await
     .map_err(|e| anyhow::anyhow!("recovering sessions: {e}"))?;
+    let audit = std::sync::Arc::new(hangar_api::Audit::new(agents.store().clone(), &data_dir));
     let app = hangar_api::router(hangar_api::AppState {
         sandboxes,
         images,
         agents,
+        audit,
         pool: Default::default(),
         channels: std::sync::Arc::new(
             hangar_api::Channels::new().map_err(|e| anyhow::anyhow!("{e}"))?,
