@@ -1267,6 +1267,17 @@ impl Agents {
         Ok((lease, sandbox))
     }
 
+    /// The agent and session whose sandbox `sandbox` is, if it is a session's.
+    pub fn session_of_sandbox(&self, sandbox: &str) -> Option<(String, String)> {
+        self.inner
+            .live
+            .lock()
+            .unwrap()
+            .values()
+            .find(|l| l.sandbox.lock().unwrap().as_deref() == Some(sandbox))
+            .map(|l| (l.agent.clone(), l.id.clone()))
+    }
+
     /// The console log of a session's sandbox (the agent's stdout and stderr).
     pub async fn log_path(
         &self,

@@ -438,3 +438,20 @@ pub async fn delete_secret(
     st.agents.delete_secret(&name, &secret).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `GET …/sessions/{id}/egress`: the connections the session's sandbox made or tried.
+pub async fn session_egress(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    st.agents.session(&r.id, r.user.as_deref()).await?;
+    let egress = st
+        .agents
+        .store()
+        .egress(None, Some(&r.id), 10_000)
+        .await
+        .map_err(hangar_agents::AgentsError::from)?;
+    Ok(Json(serde_json::json!({ "egress": egress })).into_response())
+}

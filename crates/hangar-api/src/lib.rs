@@ -44,6 +44,7 @@ fn session_routes() -> Router<AppState> {
         .route("/resume", post(agents::resume_session))
         .route("/exec", post(agents::exec))
         .route("/logs", get(agents::logs))
+        .route("/egress", get(agents::session_egress))
         .route(
             "/files/content",
             get(agents::read_file)
@@ -75,6 +76,7 @@ pub fn router(state: AppState) -> Router {
             get(sandboxes::get).delete(sandboxes::delete),
         )
         .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route("/v1/sandboxes/{id}/egress", get(sandboxes::egress))
         .route("/v1/sandboxes/{id}/suspend", post(sandboxes::suspend))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route(

@@ -50,6 +50,21 @@ pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> Result<R
     Ok(Json(st.sandboxes.get(&id).await?).into_response())
 }
 
+/// `GET /v1/sandboxes/{id}/egress`: the connections the sandbox made or tried.
+pub async fn egress(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    st.sandboxes.get(&id).await?;
+    let egress = st
+        .agents
+        .store()
+        .egress(Some(&id), None, 10_000)
+        .await
+        .map_err(hangar_agents::AgentsError::from)?;
+    Ok(Json(serde_json::json!({ "egress": egress })).into_response())
+}
+
 pub async fn delete(
     State(st): State<AppState>,
     Path(id): Path<String>,

@@ -149,6 +149,33 @@ fn refused_address(ip: IpAddr) -> bool {
     }
 }
 
+/// One connection through the proxy, as decided and as it ended: what the operator sees per
+/// session, and what the audit trail records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressEvent {
+    pub sandbox: String,
+    pub host: String,
+    pub port: u16,
+    pub allowed: bool,
+    /// Why it was refused, or how an allowed connection failed.
+    pub reason: Option<String>,
+    /// Bytes from the sandbox to the destination, and back.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+/// Where the proxy reports its connections; never blocks a connection (a full queue drops
+/// the report, with a warning in Hangar's log).
+pub type EgressLog = tokio::sync::mpsc::Sender<EgressEvent>;
+
+fn report(log: Option<&EgressLog>, event: EgressEvent) {
+    if let Some(log) = log {
+        if let Err(e) = log.try_send(event) {
+            tracing::warn!(error = %e, "an egress connection was not recorded: the queue is full");
+        }
+    }
+}
+
 /// Connections one sandbox may have open through the proxy at once.
 const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send its request head, and a name to resolve.
@@ -157,7 +184,12 @@ const LOOKUP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Serves one sandbox's `egress.sock` until this task is aborted, which also closes every
 /// connection it carries (they live in its `JoinSet`).
-pub async fn serve(listener: UnixListener, policy: Arc<EgressPolicy>, sandbox: String) {
+pub async fn serve(
+    listener: UnixListener,
+    policy: Arc<EgressPolicy>,
+    sandbox: String,
+    log: Option<EgressLog>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -179,8 +211,9 @@ pub async fn serve(listener: UnixListener, policy: Arc<EgressPolicy>, sandbox: S
         };
         let policy = policy.clone();
         let sandbox = sandbox.clone();
+        let log = log.clone();
         conns.spawn(async move {
-            if let Err(e) = handle(conn, &policy, &sandbox).await {
+            if let Err(e) = handle(conn, &policy, &sandbox, log.as_ref()).await {
                 tracing::debug!(%sandbox, error = %e, "egress connection ended");
             }
             drop(slot);
@@ -280,7 +313,12 @@ fn split_host_port(s: &str, default: Option<u16>) -> Result<(String, u16), Strin
     }
 }
 
-async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> std::io::Result<()> {
+async fn handle(
+    mut conn: UnixStream,
+    policy: &EgressPolicy,
+    sandbox: &str,
+    log: Option<&EgressLog>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + HEAD_DEADLINE;
     let head_len = loop {
@@ -303,10 +341,21 @@ async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> s
         Ok(h) => h,
         Err(e) => return refuse(&mut conn, 400, &e).await,
     };
+    let event =
+        |allowed: bool, reason: Option<String>, bytes_out: u64, bytes_in: u64| EgressEvent {
+            sandbox: sandbox.to_owned(),
+            host: head.host.clone(),
+            port: head.port,
+            allowed,
+            reason,
+            bytes_out,
+            bytes_in,
+        };
     let exact = match policy.check(&head.host, head.port) {
         Ok(exact) => exact,
         Err(reason) => {
             tracing::info!(%sandbox, host = %head.host, port = head.port, "egress denied");
+            report(log, event(false, Some(reason.clone()), 0, 0));
             return refuse(&mut conn, 403, &reason).await;
         }
     };
@@ -319,12 +368,9 @@ async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> s
     {
         Ok(a) => a.collect(),
         Err(e) => {
-            return refuse(
-                &mut conn,
-                502,
-                &format!("cannot resolve {}: {e}", head.host),
-            )
-            .await
+            let reason = format!("cannot resolve {}: {e}", head.host);
+            report(log, event(true, Some(reason.clone()), 0, 0));
+            return refuse(&mut conn, 502, &reason).await;
         }
     };
     let allowed: Vec<SocketAddr> = addrs
@@ -333,35 +379,26 @@ async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> s
         .collect();
     if allowed.is_empty() {
         tracing::info!(%sandbox, host = %head.host, port = head.port, "egress denied: address not allowed");
-        return refuse(
-            &mut conn,
-            403,
-            &format!(
-                "{}:{} resolves to an address sandboxes may not reach",
-                head.host, head.port
-            ),
-        )
-        .await;
+        let reason = format!(
+            "{}:{} resolves to an address sandboxes may not reach",
+            head.host, head.port
+        );
+        report(log, event(false, Some(reason.clone()), 0, 0));
+        return refuse(&mut conn, 403, &reason).await;
     }
     let mut upstream =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&allowed[..])).await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                return refuse(
-                    &mut conn,
-                    502,
-                    &format!("cannot connect to {}:{}: {e}", head.host, head.port),
-                )
-                .await
+                let reason = format!("cannot connect to {}:{}: {e}", head.host, head.port);
+                report(log, event(true, Some(reason.clone()), 0, 0));
+                return refuse(&mut conn, 502, &reason).await;
             }
             Err(_) => {
-                return refuse(
-                    &mut conn,
-                    504,
-                    &format!("timed out connecting to {}:{}", head.host, head.port),
-                )
-                .await
+                let reason = format!("timed out connecting to {}:{}", head.host, head.port);
+                report(log, event(true, Some(reason.clone()), 0, 0));
+                return refuse(&mut conn, 504, &reason).await;
             }
         };
     tracing::info!(%sandbox, host = %head.host, port = head.port, "egress allowed");
@@ -372,8 +409,18 @@ async fn handle(mut conn: UnixStream, policy: &EgressPolicy, sandbox: &str) -> s
         upstream.write_all(&head.forward).await?;
     }
     upstream.write_all(&buf[head_len..]).await?;
-    tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
-    Ok(())
+    let early = (buf.len() - head_len) as u64
+        + if head.connect {
+            0
+        } else {
+            head.forward.len() as u64
+        };
+    let copied = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    match &copied {
+        Ok((out, back)) => report(log, event(true, None, early + out, *back)),
+        Err(e) => report(log, event(true, Some(format!("ended: {e}")), early, 0)),
+    }
+    copied.map(drop)
 }
 
 async fn refuse(conn: &mut UnixStream, status: u16, reason: &str) -> std::io::Result<()> {

@@ -50,6 +50,8 @@ pub struct Config {
     pub vm_kernel: Option<PathBuf>,
     /// The `vm` driver's accelerator, instead of probing for KVM.
     pub vm_accel: Option<Accel>,
+    /// Where the egress proxy reports each connection.
+    pub egress_log: Option<crate::egress::EgressLog>,
 }
 
 impl Config {
@@ -436,6 +438,7 @@ impl Sandboxes {
             listener,
             Arc::new(policy),
             rec.sandbox.id.clone(),
+            self.inner.cfg.egress_log.clone(),
         ));
         if let Some(old) = entry.egress.lock().unwrap().replace(task) {
             old.abort();

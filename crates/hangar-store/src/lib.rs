@@ -9,7 +9,7 @@
 
 mod audit;
 
-pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, GENESIS};
+pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, EgressRecord, GENESIS};
 
 use std::path::Path;
 

@@ -112,6 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
+    let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(4096);
     let sandboxes = hangar_sandbox::Sandboxes::open(hangar_sandbox::Config {
         data_dir: data_dir.clone(),
         init_binary: init,
@@ -123,6 +124,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         vm_kernel: args.vm_kernel,
         vm_accel: vm_accel(&args.vm_accel),
+        egress_log: Some(egress_tx),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -145,6 +147,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .await
     .map_err(|e| anyhow::anyhow!("recovering sessions: {e}"))?;
     let audit = std::sync::Arc::new(hangar_api::Audit::new(agents.store().clone(), &data_dir));
+    tokio::spawn(record_egress(egress_rx, agents.clone(), audit.clone()));
     let app = hangar_api::router(hangar_api::AppState {
         sandboxes,
         images,
@@ -178,4 +181,50 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })
         .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records each connection the egress proxy reports: per session in the store, and in the
+/// audit trail as an egress decision.
+async fn record_egress(
+    mut events: tokio::sync::mpsc::Receiver<hangar_sandbox::egress::EgressEvent>,
+    agents: hangar_agents::Agents,
+    audit: std::sync::Arc<hangar_api::Audit>,
+) {
+    while let Some(e) = events.recv().await {
+        let (agent, session) = agents.session_of_sandbox(&e.sandbox).unzip();
+        let record = hangar_store::EgressRecord {
+            seq: 0,
+            at: hangar_agents::now_rfc3339(),
+            sandbox: e.sandbox.clone(),
+            agent: agent.clone(),
+            session: session.clone(),
+            host: e.host.clone(),
+            port: e.port,
+            allowed: e.allowed,
+            reason: e.reason.clone(),
+            bytes_out: e.bytes_out,
+            bytes_in: e.bytes_in,
+        };
+        if let Err(err) = agents.store().put_egress(&record).await {
+            tracing::error!(error = %err, "cannot record an egress connection");
+        }
+        audit
+            .record(hangar_store::AuditEntry {
+                actor: format!("sandbox:{}", e.sandbox),
+                action: if e.allowed {
+                    "egress.allowed"
+                } else {
+                    "egress.denied"
+                }
+                .into(),
+                agent,
+                session,
+                request_id: None,
+                detail: serde_json::json!({
+                    "sandbox": e.sandbox, "host": e.host, "port": e.port, "reason": e.reason,
+                    "bytes_out": e.bytes_out, "bytes_in": e.bytes_in,
+                }),
+            })
+            .await;
+    }
 }

@@ -399,6 +399,7 @@ fn isolation_keys_never_see_each_others_sessions() {
             Some("999"),
         ),
         ("GET", format!("/v1/sessions/{s}/logs"), None),
+        ("GET", format!("/v1/sessions/{s}/egress"), None),
         ("POST", format!("/v1/sessions/{s}/suspend"), None),
         ("POST", format!("/v1/sessions/{s}/resume"), None),
         ("DELETE", format!("/v1/sessions/{s}"), None),

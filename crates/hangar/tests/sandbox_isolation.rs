@@ -131,6 +131,53 @@ fn isolation(driver: &str) {
         assert!(r["stdout"].as_str().unwrap().contains("403"), "{r}");
     }
 
+    // Every connection through the proxy is recorded per sandbox (and in the audit trail):
+    // what was allowed with its bytes, what was refused and why.
+    let egress = |id: &str, want: usize| -> Vec<Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let list = s
+                .call("GET", &format!("/v1/sandboxes/{id}/egress"), None)
+                .json()["egress"]
+                .as_array()
+                .unwrap()
+                .clone();
+            if list.len() >= want || std::time::Instant::now() > deadline {
+                return list;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let of_b = egress(&b, 4);
+    let allowed: Vec<&Value> = of_b.iter().filter(|e| e["allowed"] == true).collect();
+    assert_eq!(allowed.len(), 2, "the GET and the tunnel: {of_b:#?}");
+    for e in &allowed {
+        assert_eq!(e["host"], "localhost");
+        assert_eq!(e["port"], outside);
+        assert!(
+            e["bytes_in"].as_u64().unwrap() > 0 && e["bytes_out"].as_u64().unwrap() > 0,
+            "{e}"
+        );
+    }
+    for port in [other, s.port] {
+        assert!(
+            of_b.iter()
+                .any(|e| e["allowed"] == false && e["port"] == port && e["reason"].is_string()),
+            "no refusal of localhost:{port} recorded: {of_b:#?}"
+        );
+    }
+    let of_a = egress(&a, 1);
+    assert!(of_a.iter().all(|e| e["allowed"] == false), "{of_a:#?}");
+    assert_eq!(of_a.len(), 1, "{of_a:#?}");
+    let audit = s.call("GET", "/v1/audit", None).json();
+    let denied = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "egress.denied")
+        .count();
+    assert_eq!(denied, 3, "{audit:#}");
+
     // No host devices: crun has no CAP_MKNOD and a device cgroup refusing all but the usual
     // few; gVisor's device nodes are its own. Either way the host's disk is not readable.
     let r = run(
