@@ -15,6 +15,7 @@ cargo build --release --bins
 data=${HANGAR_DATA_DIR:-$PWD/.hangar}
 port=${HANGAR_PORT:-7070}
 export HANGAR_URL=http://127.0.0.1:$port
+export HANGAR_DATA_DIR=$data   # where the CLI finds the admin key hangar serve makes
 hangar=$PWD/target/release/hangar
 mkdir -p "$data"
 

@@ -4,8 +4,8 @@
 //! position and hash of its last record are also kept in `<data>/audit-head`, so that records
 //! removed from its end are noticed too.
 //!
-//! Until authentication (issue 6), the actor is `operator`, or `user:<id>` for a caller acting
-//! as an end user (`x-agent-user-id`).
+//! The actor is the API key (`key:<id>`), with the end user it named (`key:<id> as
+//! user:<u>`), or `channel` for an Activity Protocol call the channel's own token carried.
 
 use std::path::PathBuf;
 
@@ -177,9 +177,17 @@ pub async fn record(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let route = route.map(|r| r.as_str().to_owned()).unwrap_or_default();
-    let actor = match req.headers().get(USER_HEADER).and_then(|v| v.to_str().ok()) {
-        Some(u) => format!("user:{u}"),
-        None => "operator".to_owned(),
+    let user = req
+        .headers()
+        .get(USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let actor = match (req.extensions().get::<crate::Caller>(), user) {
+        (Some(c), Some(u)) if u != c.actor() => format!("{} as user:{u}", c.actor()),
+        (Some(c), _) => c.actor(),
+        // The Activity endpoint's channel token, checked by its handler.
+        (None, Some(u)) => format!("user:{u}"),
+        (None, None) => "channel".to_owned(),
     };
     let params = path_params(&route, &path);
     let mut resp = next.run(req).await;

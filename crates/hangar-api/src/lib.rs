@@ -6,6 +6,7 @@
 
 mod agents;
 mod audit;
+mod auth;
 mod dataplane;
 mod error;
 mod images;
@@ -17,6 +18,7 @@ use axum::Router;
 use hangar_sandbox::Sandboxes;
 
 pub use audit::{Audit, REQUEST_ID_HEADER};
+pub use auth::{Caller, Keys, Role};
 pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
 pub use mapping::Channels;
@@ -30,6 +32,8 @@ pub struct AppState {
     pub pool: std::sync::Arc<dataplane::AgentPool>,
     /// The audit trail.
     pub audit: std::sync::Arc<Audit>,
+    /// API keys.
+    pub keys: std::sync::Arc<Keys>,
     /// The mapped protocols' state: channel keys and tokens, per-conversation turn locks.
     pub channels: std::sync::Arc<Channels>,
     /// The largest file upload accepted, in bytes.
@@ -133,9 +137,16 @@ pub fn router(state: AppState) -> Router {
         .route("/agents/{name}/invocations_ws", get(dataplane::invocations))
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/keys", post(auth::create).get(auth::list))
+        .route("/v1/keys/{id}", axum::routing::delete(auth::revoke))
+        // Outermost last: a request is authenticated, then recorded.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit::record,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
         ))
         .fallback(|| async {
             ApiError::new(

@@ -9,7 +9,7 @@
 
 mod audit;
 
-pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, EgressRecord, GENESIS};
+pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, EgressRecord, KeyRow, GENESIS};
 
 use std::path::Path;
 

@@ -94,6 +94,7 @@ async fn first_request(
     let mut conn = tcp_conn(authority).await?;
     let req = hyper::Request::post(path)
         .header("host", "localhost")
+        .header("authorization", crate::client::auth_header())
         .header("content-type", "application/json")
         .header(USER_HEADER, user)
         .body(Full::new(body.clone()))?;
@@ -120,6 +121,7 @@ async fn one(
         .method(Method::POST)
         .uri(path)
         .header("host", "localhost")
+        .header("authorization", crate::client::auth_header())
         .header("content-type", "application/json")
         .header(SESSION_HEADER, session)
         .header(USER_HEADER, "bench")
@@ -351,6 +353,8 @@ pub async fn sessions(url: &str, b: SessionsBench) -> anyhow::Result<ExitCode> {
             let mut conn = tcp_conn(&authority).await?;
             let req = hyper::Request::post(&path)
                 .header("host", "localhost")
+                .header("authorization", crate::client::auth_header())
+                .header("authorization", crate::client::auth_header())
                 .header("content-type", "application/json")
                 .header(USER_HEADER, format!("bench-{i}"))
                 .header(SESSION_HEADER, &session)

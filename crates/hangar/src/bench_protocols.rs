@@ -41,6 +41,7 @@ async fn timed(
 ) -> anyhow::Result<(f64, f64, Option<String>)> {
     let mut req = hyper::Request::post(path)
         .header("host", "localhost")
+        .header("authorization", crate::client::auth_header())
         .header("content-type", "application/json")
         .header(USER_HEADER, user);
     if let Some(s) = session {

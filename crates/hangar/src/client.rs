@@ -12,6 +12,23 @@ pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub struct Client {
     /// `host:port`
     authority: String,
+    /// The API key sent with every request.
+    key: Option<String>,
+}
+
+/// The API key the CLI uses: `HANGAR_API_KEY`, else the admin key `hangar serve` wrote in
+/// its data directory (`HANGAR_DATA_DIR`, or the default one) on this machine.
+pub(crate) fn api_key() -> Option<String> {
+    if let Ok(k) = std::env::var("HANGAR_API_KEY") {
+        return Some(k.trim().to_owned());
+    }
+    let dir = std::env::var_os("HANGAR_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(crate::default_data_dir);
+    std::fs::read_to_string(dir.join("admin-key"))
+        .ok()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
 }
 
 impl Client {
@@ -23,7 +40,10 @@ impl Client {
         if authority.is_empty() || authority.contains('/') {
             bail!("HANGAR_URL must be http://HOST:PORT, not {url:?}");
         }
-        Ok(Client { authority })
+        Ok(Client {
+            authority,
+            key: api_key(),
+        })
     }
 
     pub async fn send(
@@ -51,6 +71,14 @@ impl Client {
             .header(hyper::header::HOST, &self.authority);
         for (k, v) in headers {
             req = req.header(*k, *v);
+        }
+        if let Some(key) = &self.key {
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            {
+                req = req.header("authorization", format!("Bearer {key}"));
+            }
         }
         Ok(sender.send_request(req.body(body)?).await?)
     }
@@ -106,4 +134,9 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// `Authorization: Bearer <key>` for the requests the benches build themselves.
+pub(crate) fn auth_header() -> String {
+    api_key().map(|k| format!("Bearer {k}")).unwrap_or_default()
 }

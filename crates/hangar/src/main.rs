@@ -14,6 +14,7 @@ mod check_rules;
 mod client;
 mod doctor;
 mod images_cmd;
+mod keys_cmd;
 mod sandbox_cmd;
 mod secrets_cmd;
 mod serve;
@@ -83,6 +84,9 @@ enum Command {
     /// Sessions: list, create, show, exec, cp, logs, suspend, resume, rm.
     #[command(subcommand)]
     Sessions(agents_cmd::SessionsCmd),
+    /// API keys: create, ls, rm.
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCmd),
     /// The audit trail: ls, verify.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
@@ -142,6 +146,7 @@ fn main() -> std::process::ExitCode {
             Command::Sessions(cmd) => {
                 agents_cmd::sessions(&client::Client::new(&cli.url)?, cmd).await
             }
+            Command::Keys(cmd) => keys_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Audit(cmd) => audit_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Secrets(cmd) => secrets_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Images(cmd) => images_cmd::run(&client::Client::new(&cli.url)?, cmd).await,

@@ -11,7 +11,7 @@ use clap::Args;
 pub struct ServeArgs {
     /// Where Hangar keeps images, sandboxes and its state. Default: /var/lib/hangar for
     /// root, else ~/.local/share/hangar.
-    #[arg(long)]
+    #[arg(long, env = "HANGAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -147,12 +147,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .await
     .map_err(|e| anyhow::anyhow!("recovering sessions: {e}"))?;
     let audit = std::sync::Arc::new(hangar_api::Audit::new(agents.store().clone(), &data_dir));
+    let keys = hangar_api::Keys::open(agents.store().clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("loading API keys: {e}"))?;
+    keys.ensure_admin(&data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("the admin key: {e}"))?;
     tokio::spawn(record_egress(egress_rx, agents.clone(), audit.clone()));
     let app = hangar_api::router(hangar_api::AppState {
         sandboxes,
         images,
         agents,
         audit,
+        keys: std::sync::Arc::new(keys),
         pool: Default::default(),
         channels: std::sync::Arc::new(
             hangar_api::Channels::new().map_err(|e| anyhow::anyhow!("{e}"))?,

@@ -123,7 +123,8 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     // SSE is relayed event by event: the first event arrives long before the last.
     let body = json!({"input": "stream", "stream": true, "agent_session_id": s, "metadata": {"delay": "0.5"}}).to_string();
     let req = format!(
-        "POST /agents/probe/responses HTTP/1.1\r\nhost: x\r\nx-agent-user-id: alice\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /agents/probe/responses HTTP/1.1\r\nhost: x\r\n{}\r\nx-agent-user-id: alice\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        server.auth(),
         body.len()
     );
     let chunks = raw_exchange(&server, req.as_bytes());
@@ -216,7 +217,8 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     // The WebSocket is spliced through to the session's agent.
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let req = format!(
-        "GET /agents/probe/invocations_ws HTTP/1.1\r\nhost: x\r\nx-agent-user-id: alice\r\nx-agent-session-id: {s}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n\r\n"
+        "GET /agents/probe/invocations_ws HTTP/1.1\r\nhost: x\r\n{}\r\nx-agent-user-id: alice\r\nx-agent-session-id: {s}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n\r\n",
+        server.auth()
     );
     let mut sock = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))

@@ -119,11 +119,13 @@ fn the_audit_trail_records_changes_and_shows_tampering() {
         "{all:#?}"
     );
     assert_eq!(all[0]["request_id"], "req-mine-1");
-    assert_eq!(all[0]["actor"], "operator");
+    let admin = server.key();
+    let admin_id = admin.split('_').nth(1).unwrap();
+    assert_eq!(all[0]["actor"], format!("key:{admin_id}"));
     assert_eq!(all[0]["detail"]["status"], 201);
     assert_eq!(all[1]["request_id"], exec_id.as_str());
     assert_eq!(all[1]["detail"]["sandbox"], id.as_str());
-    assert_eq!(all[3]["actor"], "user:mallory");
+    assert_eq!(all[3]["actor"], format!("key:{admin_id} as user:mallory"));
     assert_eq!(all[3]["agent"], "ghost");
     assert_eq!(all[3]["detail"]["status"], 400);
     assert!(all.iter().all(|r| r["at"].as_str().unwrap().ends_with('Z')));

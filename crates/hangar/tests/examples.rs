@@ -28,10 +28,11 @@ fn venv_python() -> PathBuf {
 }
 
 /// Runs a client script from `tests/py` and returns the JSON line it prints last.
-fn py(script: &str, args: &[&str]) -> Value {
+fn py(server: &Server, script: &str, args: &[&str]) -> Value {
     let out = Command::new(venv_python())
         .arg(tests_dir().join("py").join(script))
         .args(args)
+        .env("HANGAR_API_KEY", server.key())
         .output()
         .unwrap();
     assert!(
@@ -55,6 +56,7 @@ fn notes_through_the_openai_sdk_keeps_its_notes_across_suspension() {
 
     // responses.create, responses.stream and previous_response_id, all in one session.
     let alice = py(
+        &server,
         "openai_notes.py",
         &[&base, "--user", "alice", "--expect-fresh", "--tag", "a"],
     );
@@ -69,6 +71,7 @@ fn notes_through_the_openai_sdk_keeps_its_notes_across_suspension() {
     }
     // SSE through the gateway: strict event order, sequence numbers, [DONE], and not buffered.
     let sse = py(
+        &server,
         "check_sse.py",
         &[
             &base,
@@ -84,6 +87,7 @@ fn notes_through_the_openai_sdk_keeps_its_notes_across_suspension() {
 
     // Another user starts from nothing: their own session.
     let bob = py(
+        &server,
         "openai_notes.py",
         &[&base, "--user", "bob", "--expect-fresh", "--tag", "b"],
     );
@@ -151,6 +155,7 @@ fn foundry_echo_runs_unmodified_behind_the_gateway() {
     deploy(&server, &repo_dir().join("examples/foundry-echo"), &[]);
     let base = server.url("/agents/foundry-echo");
     let r = py(
+        &server,
         "openai_echo.py",
         &[&base, "--user", "alice", "--same-session"],
     );

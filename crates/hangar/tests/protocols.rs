@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::agents::{agent_dir, cli, deploy, http, repo_dir, tests_dir, HResp, BASE_PACKAGES};
+use common::agents::{
+    agent_dir, cli, deploy, http, http_anonymous, repo_dir, tests_dir, HResp, BASE_PACKAGES,
+};
 use common::images::debian_base;
 use common::Server;
 
@@ -39,6 +41,7 @@ fn agui(server: &Server, agent: &str, user: &str, input: &Value) -> Value {
         .arg(tests_dir().join("py/agui_run.py"))
         .arg(server.url(&format!("/agents/{agent}/ag-ui")))
         .args(["--user", user, "--input", &input.to_string()])
+        .env("HANGAR_API_KEY", server.key())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -181,7 +184,7 @@ fn post_activity(server: &Server, agent: &str, token: Option<&str>, body: &Value
     if let Some(a) = &auth {
         headers.push(("authorization", a.as_str()));
     }
-    http(
+    http_anonymous(
         server,
         "POST",
         &format!("/agents/{agent}/api/messages"),
@@ -246,6 +249,7 @@ fn set_secret(server: &Server, agent: &str, name: &str, value: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hangar"))
         .args(["secrets", "set", agent, name])
         .env("HANGAR_URL", server.url(""))
+        .env("HANGAR_API_KEY", server.key())
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -131,6 +131,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--data-binary",
             "@-",
         ])
+        .args(["-H", &s.auth()])
         .arg(s.url(&files("/tmp/big")))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

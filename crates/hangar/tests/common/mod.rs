@@ -215,6 +215,19 @@ impl Server {
         std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
     }
 
+    /// The admin API key `hangar serve` made in its data directory.
+    pub fn key(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("admin-key"))
+            .unwrap_or_else(|e| panic!("no admin-key in the data directory: {e}\n{}", self.log()))
+            .trim()
+            .to_owned()
+    }
+
+    /// `Authorization: …` with the admin key, for curl's `-H`.
+    pub fn auth(&self) -> String {
+        format!("authorization: Bearer {}", self.key())
+    }
+
     /// Kills the server abruptly (sandboxes keep running) and starts it again.
     pub fn restart(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -248,6 +261,9 @@ impl Server {
                 "--data-binary",
                 "@-",
             ]);
+        }
+        if path != "/healthz" {
+            cmd.args(["-H", &self.auth()]);
         }
         cmd.arg(self.url(path))
             .stdin(Stdio::piped())

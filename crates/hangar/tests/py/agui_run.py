@@ -11,6 +11,7 @@ their arrival times, the text, the tool calls, the session, and the violations f
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -31,7 +32,8 @@ def main():
     req = urllib.request.Request(
         a.url,
         data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", "accept": "text/event-stream", "x-agent-user-id": a.user},
+        headers={"content-type": "application/json", "accept": "text/event-stream", "x-agent-user-id": a.user,
+                 **({"authorization": "Bearer " + os.environ["HANGAR_API_KEY"]} if os.environ.get("HANGAR_API_KEY") else {})},
         method="POST",
     )
     t0 = time.monotonic()

@@ -19,6 +19,7 @@ apart from the optional strict validation.
 import argparse
 import http.client
 import json
+import os
 import sys
 import time
 from urllib.parse import urlsplit
@@ -77,6 +78,8 @@ def main():
     args = ap.parse_args()
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
+    if os.environ.get("HANGAR_API_KEY"):
+        headers.setdefault("Authorization", "Bearer " + os.environ["HANGAR_API_KEY"])
 
     try:
         import typing

@@ -12,6 +12,7 @@ reach the stored response. Prints one JSON summary line; exits 1 with a message 
 
 import argparse
 import json
+import os
 import sys
 import uuid
 
@@ -46,7 +47,7 @@ def main():
                      resp.headers.get("x-agent-session-id")))
 
     headers = {"x-agent-user-id": args.user} if args.user else {}
-    client = OpenAI(base_url=args.base_url, api_key="unused", default_headers=headers, max_retries=0,
+    client = OpenAI(base_url=args.base_url, api_key=os.environ.get("HANGAR_API_KEY", "unused"), default_headers=headers, max_retries=0,
                     timeout=120, http_client=openai.DefaultHttpxClient(event_hooks={"response": [on_response]}))
     word = uuid.uuid4().hex[:8]
 

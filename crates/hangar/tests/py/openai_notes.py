@@ -26,6 +26,7 @@ assertion message on stderr.
 
 import argparse
 import json
+import os
 import re
 import sys
 import uuid
@@ -88,7 +89,7 @@ def main():
         headers["x-agent-user-id"] = args.user
     if args.session_id:
         headers["x-agent-session-id"] = args.session_id
-    client = OpenAI(base_url=args.base_url, api_key="unused", default_headers=headers, max_retries=0,
+    client = OpenAI(base_url=args.base_url, api_key=os.environ.get("HANGAR_API_KEY", "unused"), default_headers=headers, max_retries=0,
                     timeout=120, http_client=openai.DefaultHttpxClient(event_hooks={"response": [on_response]}))
 
     response_ids, session_ids, counts = [], [], []
