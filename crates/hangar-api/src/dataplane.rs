@@ -231,6 +231,13 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+/// The caller's credentials are Hangar's business: they never reach the agent (an untrusted
+/// sandbox could replay them).
+fn strip_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove("x-api-key");
+}
+
 fn upstream_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::BAD_GATEWAY,
@@ -326,6 +333,7 @@ pub(crate) async fn forward(
             .body(body)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         copy_headers(headers, req.headers_mut());
+        strip_credentials(req.headers_mut());
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("localhost"));
         req.headers_mut()
@@ -472,6 +480,7 @@ async fn upgrade(lease: Lease, req: &mut Request, path: &str) -> Result<Response
             out.headers_mut().append(k.clone(), v.clone());
         }
     }
+    strip_credentials(out.headers_mut());
     out.headers_mut()
         .insert(header::HOST, HeaderValue::from_static("localhost"));
     out.headers_mut()

@@ -212,6 +212,8 @@ fn data_plane_routes_streams_and_relays_every_endpoint() {
     );
     assert_eq!(r.header("x-agent-invocation-id"), Some("inv-mine-1"));
     assert_eq!(r.json()["header_invocation"], "inv-mine-1");
+    // The caller's API key stays with Hangar.
+    assert_eq!(r.json()["header_credentials"], json!([]), "{}", r.text());
     assert_eq!(r.json()["session"], s);
 
     // The WebSocket is spliced through to the session's agent.

@@ -62,6 +62,7 @@ class Handler(BaseHTTPRequestHandler):
             "greeting": os.environ.get("GREETING"),
             "header_session": self.headers.get("x-agent-session-id"),
             "header_invocation": self.headers.get("x-agent-invocation-id"),
+            "header_credentials": [self.headers.get(h) for h in ("authorization", "x-api-key") if self.headers.get(h)],
             "pid": os.getpid(),
         }
 
