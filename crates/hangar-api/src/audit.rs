@@ -183,7 +183,12 @@ pub async fn record(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let actor = match (req.extensions().get::<crate::Caller>(), user) {
-        (Some(c), Some(u)) if u != c.actor() => format!("{} as user:{u}", c.actor()),
+        // A key that named an end user; not a key or a signed-in user that is its own.
+        (Some(c), Some(u))
+            if u != c.id && c.id.split_once(':').map(|(_, me)| me) != Some(u.as_str()) =>
+        {
+            format!("{} as user:{u}", c.actor())
+        }
         (Some(c), _) => c.actor(),
         // The Activity endpoint's channel token, checked by its handler.
         (None, Some(u)) => format!("user:{u}"),

@@ -58,7 +58,8 @@ impl Role {
 /// The authenticated caller, for the handlers and the audit trail.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub key_id: String,
+    /// `key:<id>` for an API key, `oidc:<user>` for an OIDC token.
+    pub id: String,
     pub role: Role,
     pub assert_user: bool,
 }
@@ -66,14 +67,67 @@ pub struct Caller {
 impl Caller {
     /// How the audit trail names the caller.
     pub fn actor(&self) -> String {
-        format!("key:{}", self.key_id)
+        self.id.clone()
     }
 }
+
+/// End users signed in with an OpenID Connect provider call the data plane with its JWTs.
+#[derive(Debug, Clone)]
+pub struct Oidc {
+    /// The `iss` tokens must carry; its discovery document names the keys.
+    pub issuer: String,
+    /// The `aud` tokens must carry.
+    pub audience: String,
+    /// The claim that is the isolation key.
+    pub user_claim: String,
+}
+
+impl Oidc {
+    pub fn new(issuer: &str, audience: &str, user_claim: &str) -> Result<Oidc, String> {
+        let local = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|p| {
+                issuer
+                    .strip_prefix(p)
+                    .is_some_and(|r| r.is_empty() || r.starts_with([':', '/']))
+            });
+        if !(issuer.starts_with("https://") || local) {
+            return Err(format!(
+                "the OIDC issuer must be an https URL (http only to this machine), not {issuer:?}"
+            ));
+        }
+        if audience.is_empty() {
+            return Err("the OIDC audience must not be empty".into());
+        }
+        Ok(Oidc {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            user_claim: user_claim.to_owned(),
+        })
+    }
+
+    fn discovery(&self) -> String {
+        format!(
+            "{}/.well-known/openid-configuration",
+            self.issuer.trim_end_matches('/')
+        )
+    }
+}
+
+/// The signatures OIDC tokens may have: public-key ones only (`none`, and HMAC keyed with
+/// what is a public key, are refused).
+const ASYMMETRIC: [jsonwebtoken::Algorithm; 9] = {
+    use jsonwebtoken::Algorithm::*;
+    [
+        RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+    ]
+};
 
 pub struct Keys {
     store: Store,
     /// Active keys by the hash of their secret.
     active: RwLock<HashMap<String, Caller>>,
+    oidc: Option<Oidc>,
 }
 
 fn hash(key: &str) -> String {
@@ -95,11 +149,12 @@ pub struct NewKey {
 }
 
 impl Keys {
-    pub async fn open(store: Store) -> Result<Keys, String> {
+    pub async fn open(store: Store, oidc: Option<Oidc>) -> Result<Keys, String> {
         let rows = store.keys().await.map_err(|e| e.to_string())?;
         let keys = Keys {
             store,
             active: RwLock::new(HashMap::new()),
+            oidc,
         };
         for r in rows.into_iter().filter(|r| r.revoked_at.is_none()) {
             keys.remember(&r);
@@ -112,7 +167,7 @@ impl Keys {
             self.active.write().unwrap().insert(
                 r.hash.clone(),
                 Caller {
-                    key_id: r.id.clone(),
+                    id: format!("key:{}", r.id),
                     role,
                     assert_user: r.assert_user,
                 },
@@ -175,7 +230,8 @@ impl Keys {
                 format!("no active key {id:?}"),
             ));
         }
-        self.active.write().unwrap().retain(|_, c| c.key_id != id);
+        let gone = format!("key:{id}");
+        self.active.write().unwrap().retain(|_, c| c.id != gone);
         Ok(())
     }
 
@@ -247,6 +303,60 @@ fn presented(req: &Request) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
+/// A bearer token that is not an API key (a JWT).
+fn bearer(req: &Request) -> Option<String> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().starts_with("hk_"))
+        .then(|| token.trim().to_owned())
+}
+
+/// The end user an OIDC token names, or the answer refusing it.
+async fn oidc_user(st: &AppState, path: &str, token: String) -> Result<String, Response> {
+    let oidc = st.keys.oidc.as_ref().expect("checked");
+    if !path.starts_with("/agents/") {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "OIDC tokens are for the data plane (/agents/…); the control plane takes API keys"
+                .into(),
+        ));
+    }
+    let claims = st
+        .channels
+        .auth
+        .verify_jwt(
+            &oidc.discovery(),
+            &oidc.issuer,
+            &oidc.audience,
+            &ASYMMETRIC,
+            &token,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::mapping::Refused::Token(m) => refuse(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("the token was refused: {m}"),
+            ),
+            crate::mapping::Refused::Keys(m) => {
+                refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
+        })?
+        .0;
+    claims
+        .get(&oidc.user_claim)
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("the token has no {:?} claim", oidc.user_claim),
+            )
+        })
+}
+
 /// The layer: authenticates, authorises by route, and fixes the end user of a key that may
 /// not name one.
 pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -268,6 +378,39 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
         },
         // The Activity endpoint checks the channel's own credentials.
         None if channel => return next.run(req).await,
+        None if st.keys.oidc.is_some() && bearer(&req).is_some() => {
+            let token = bearer(&req).expect("checked");
+            match oidc_user(&st, &path, token).await {
+                Ok(user) => {
+                    if path.starts_with("/agents/") && req.headers().contains_key(USER_HEADER) {
+                        return refuse(
+                            StatusCode::FORBIDDEN,
+                            "forbidden",
+                            format!("a signed-in user may not name another ({USER_HEADER})"),
+                        );
+                    }
+                    // The token's user is the end user: nobody else's sessions.
+                    let value = match HeaderValue::from_str(&user) {
+                        Ok(v) if !user.is_empty() && user.len() <= 256 => v,
+                        _ => {
+                            return refuse(
+                                StatusCode::UNAUTHORIZED,
+                                "unauthorized",
+                                "the token's user claim is not 1 to 256 ASCII characters".into(),
+                            )
+                        }
+                    };
+                    req.headers_mut()
+                        .insert(HeaderName::from_static(USER_HEADER), value);
+                    Caller {
+                        id: format!("oidc:{user}"),
+                        role: Role::Invoker,
+                        assert_user: true,
+                    }
+                }
+                Err(r) => return r,
+            }
+        }
         None => {
             return refuse(
                 StatusCode::UNAUTHORIZED,
@@ -282,8 +425,8 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
-                "key {} is a {} key; this needs {}",
-                caller.key_id,
+                "{} is a {} caller; this needs {}",
+                caller.id,
                 caller.role.as_str(),
                 need.as_str()
             ),
@@ -296,14 +439,14 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "key {} may not name the end user ({USER_HEADER}): it lacks the assert-user permission",
-                    caller.key_id
+                    "{} may not name the end user ({USER_HEADER}): it lacks the assert-user permission",
+                    caller.id
                 ),
             );
         }
         if need == Role::Invoker {
             // The key is its own end user.
-            let me = HeaderValue::from_str(&format!("key:{}", caller.key_id)).expect("hex");
+            let me = HeaderValue::from_str(&caller.id).expect("hex");
             req.headers_mut().insert(user_header, me);
         }
     }

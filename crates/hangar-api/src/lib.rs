@@ -18,7 +18,7 @@ use axum::Router;
 use hangar_sandbox::Sandboxes;
 
 pub use audit::{Audit, REQUEST_ID_HEADER};
-pub use auth::{Caller, Keys, Role};
+pub use auth::{Caller, Keys, Oidc, Role};
 pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
 pub use mapping::Channels;

@@ -13,6 +13,16 @@ pub struct ServeArgs {
     /// root, else ~/.local/share/hangar.
     #[arg(long, env = "HANGAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// End users signed in with this OpenID Connect provider may call agents with its JWTs
+    /// (their `--oidc-user-claim` is the isolation key). Needs --oidc-audience.
+    #[arg(long, env = "HANGAR_OIDC_ISSUER", value_name = "URL")]
+    oidc_issuer: Option<String>,
+    /// The `aud` the provider's tokens must carry.
+    #[arg(long, env = "HANGAR_OIDC_AUDIENCE")]
+    oidc_audience: Option<String>,
+    /// The claim of an OIDC token that names the end user.
+    #[arg(long, default_value = "sub")]
+    oidc_user_claim: String,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -147,7 +157,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .await
     .map_err(|e| anyhow::anyhow!("recovering sessions: {e}"))?;
     let audit = std::sync::Arc::new(hangar_api::Audit::new(agents.store().clone(), &data_dir));
-    let keys = hangar_api::Keys::open(agents.store().clone())
+    let oidc = match (&args.oidc_issuer, &args.oidc_audience) {
+        (Some(i), Some(a)) => Some(
+            hangar_api::Oidc::new(i, a, &args.oidc_user_claim)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("--oidc-issuer and --oidc-audience go together"),
+    };
+    let keys = hangar_api::Keys::open(agents.store().clone(), oidc)
         .await
         .map_err(|e| anyhow::anyhow!("loading API keys: {e}"))?;
     keys.ensure_admin(&data_dir)

@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-use common::agents::{http, http_anonymous};
+use common::agents::{agent_dir, deploy, http, http_anonymous, BASE_PACKAGES};
+use common::channel::Channel;
+use common::images::debian_base;
 use common::{require, Rootfs, Server};
 
 fn new_key(server: &Server, body: Value) -> (String, String) {
@@ -218,4 +220,141 @@ fn api_keys_authenticate_and_roles_authorise() {
     server.restart();
     assert_eq!(server.key(), before);
     assert_eq!(server.call("GET", "/v1/keys", None).status, 200);
+}
+
+/// End users signed in with an OpenID Connect provider call agents with its JWTs: the token's
+/// `sub` is the isolation key, and a bad token of any kind is 401.
+#[test]
+fn oidc_tokens_authenticate_end_users_on_the_data_plane() {
+    let channel = Channel::start();
+    let issuer = channel.url("");
+    let server = Server::start_with(&["--oidc-issuer", &issuer, "--oidc-audience", "hangar-test"]);
+    debian_base(&server, &BASE_PACKAGES);
+    let yaml = "name: probe\nbuild: { dockerfile: Dockerfile }\nisolation: gvisor\nresources: { cpus: 1, memory: 256Mi, disk: 64Mi }\nstartup_timeout: 30s\n";
+    let dir = agent_dir("probe", yaml);
+    deploy(&server, dir.path(), &[]);
+    let token = |claims: Value| channel.token(claims);
+    let good = |sub: &str| token(json!({"aud": "hangar-test", "iss": issuer, "sub": sub}));
+    let call = |t: &str, path: &str, body: &Value| {
+        http(
+            &server,
+            "POST",
+            path,
+            &[("authorization", &format!("Bearer {t}"))],
+            Some(body.to_string().as_bytes()),
+        )
+    };
+
+    // Alice's token: her session.
+    let alice = good("alice");
+    let r = call(&alice, "/agents/probe/responses", &json!({"input": "hi"}));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), server.log());
+    let session = r.header("x-agent-session-id").unwrap().to_owned();
+    let resp_id = r.json()["id"].as_str().unwrap().to_owned();
+    let again = call(
+        &alice,
+        "/agents/probe/responses",
+        &json!({"input": "hi", "previous_response_id": resp_id}),
+    );
+    assert_eq!(again.header("x-agent-session-id"), Some(session.as_str()));
+    // Bob's token cannot reach it by any name.
+    let bob = good("bob");
+    for body in [
+        json!({"input": "x", "agent_session_id": session}),
+        json!({"input": "x", "previous_response_id": resp_id}),
+    ] {
+        let r = call(&bob, "/agents/probe/responses", &body);
+        assert_eq!(r.status, 404, "{body}: {}", r.text());
+    }
+    let r = call(
+        &bob,
+        &format!("/agents/probe/invocations?agent_session_id={session}"),
+        &json!({}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    // A signed-in user may not name another.
+    let r = http(
+        &server,
+        "POST",
+        "/agents/probe/responses",
+        &[
+            ("authorization", &format!("Bearer {bob}")),
+            ("x-agent-user-id", "alice"),
+        ],
+        Some(br#"{"input": "x"}"#),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    // Forged, expired, wrong audience, wrong issuer, unsigned and HMAC-with-the-public-key
+    // tokens: 401, and no session is made.
+    let sessions = || {
+        server.call("GET", "/v1/agents/probe/sessions", None).json()["sessions"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = sessions();
+    for (what, t) in [
+        (
+            "forged",
+            token(json!({"aud": "hangar-test", "iss": issuer, "sub": "alice", "key": "other"})),
+        ),
+        (
+            "expired",
+            token(json!({"aud": "hangar-test", "iss": issuer, "sub": "alice", "exp_in": -900})),
+        ),
+        (
+            "not yet valid",
+            token(json!({"aud": "hangar-test", "iss": issuer, "sub": "alice", "nbf_in": 900})),
+        ),
+        (
+            "another audience",
+            token(json!({"aud": "someone-else", "iss": issuer, "sub": "alice"})),
+        ),
+        (
+            "another issuer",
+            token(json!({"aud": "hangar-test", "iss": "https://evil.example", "sub": "alice"})),
+        ),
+        (
+            "alg none",
+            token(json!({"aud": "hangar-test", "iss": issuer, "sub": "alice", "alg": "none"})),
+        ),
+        (
+            "HS256 with the public key",
+            token(json!({"aud": "hangar-test", "iss": issuer, "sub": "alice", "alg": "HS256"})),
+        ),
+        (
+            "no sub",
+            token(json!({"aud": "hangar-test", "iss": issuer})),
+        ),
+        ("garbage", "a.b.c".to_owned()),
+    ] {
+        let r = call(
+            &t,
+            "/agents/probe/responses",
+            &json!({"input": "x", "agent_session_id": session}),
+        );
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "unauthorized", "{what}");
+    }
+    assert_eq!(sessions(), before);
+    // The control plane takes API keys only.
+    let r = http(
+        &server,
+        "GET",
+        "/v1/agents",
+        &[("authorization", &format!("Bearer {alice}"))],
+        None,
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+    // The audit trail names the signed-in user.
+    let audit = server.call("GET", "/v1/audit", None).json();
+    assert!(
+        audit["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["actor"] == "oidc:alice"),
+        "{audit:#}"
+    );
 }

@@ -7,8 +7,8 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -16,24 +16,9 @@ use serde_json::{json, Value};
 use common::agents::{
     agent_dir, cli, deploy, http, http_anonymous, repo_dir, tests_dir, HResp, BASE_PACKAGES,
 };
+use common::channel::{venv_python, Channel, APP_ID};
 use common::images::debian_base;
 use common::Server;
-
-const APP_ID: &str = "11111111-2222-3333-4444-555555555555";
-
-fn venv_python() -> PathBuf {
-    let out = Command::new("sh")
-        .arg(tests_dir().join("py/setup-venv.sh"))
-        .output()
-        .expect("sh runs");
-    assert!(
-        out.status.success(),
-        "creating the tests' Python venv failed (needs python3-venv: apt-get install python3-venv, \
-         and PyPI): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
-}
 
 /// One AG-UI run through `agui_run.py`; its summary (events, text, tool calls, violations).
 fn agui(server: &Server, agent: &str, user: &str, input: &Value) -> Value {
@@ -59,108 +44,6 @@ fn agui(server: &Server, agent: &str, user: &str, input: &Value) -> Value {
         summary["errors"]
     );
     summary
-}
-
-/// The fake Bot Framework channel, stopped when dropped.
-struct Channel {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Channel {
-    fn start() -> Channel {
-        let dir = tempfile::tempdir().unwrap();
-        let port_file = dir.path().join("port");
-        let child = Command::new(venv_python())
-            .arg(tests_dir().join("py/fake_channel.py"))
-            .arg(&port_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let port = loop {
-            if let Ok(p) = std::fs::read_to_string(&port_file) {
-                break p.trim().parse().unwrap();
-            }
-            assert!(Instant::now() < deadline, "fake_channel.py did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Channel {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn curl(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "30", "-X", method, &self.url(path)]);
-        if let Some(b) = body {
-            cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success());
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// A channel token; `claims` adjusts it (aud, serviceurl, iss, exp_in, alg, key).
-    fn token(&self, claims: Value) -> String {
-        self.curl("POST", "/sign", Some(&claims))["token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    fn recorded(&self) -> Vec<Value> {
-        self.curl("GET", "/recorded", None)
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    /// Waits for `n` replies to reach the connector.
-    fn replies(&self, n: usize, server: &Server) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let replies: Vec<Value> = self
-                .recorded()
-                .into_iter()
-                .filter(|r| r["kind"] == "reply")
-                .collect();
-            if replies.len() >= n {
-                return replies;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the connector got {} replies, not {n}: {replies:#?}\nserver log:\n{}",
-                replies.len(),
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `channels.activity` for an agent.yaml, pointing at this channel.
-    fn yaml(&self, extra: &str) -> String {
-        format!(
-            "channels:\n  activity:\n    app_id: \"{APP_ID}\"\n    openid_metadata: {}\n    token_endpoint: {}\n{extra}",
-            self.url("/openid"),
-            self.url("/token")
-        )
-    }
-}
-
-impl Drop for Channel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A message activity from a Teams-like channel.

@@ -159,12 +159,12 @@ impl ChannelAuth {
                     cache.insert(openid.to_owned(), keys);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot fetch the channel's signing keys");
+                    tracing::warn!(error = %e, "cannot fetch signing keys");
                     match cache.get_mut(openid) {
                         Some(k) => k.failed = Some(Instant::now()),
                         None => {
                             return Err(Refused::Keys(format!(
-                                "the channel's signing keys cannot be fetched: {e}"
+                                "the signing keys cannot be fetched: {e}"
                             )))
                         }
                     }
@@ -173,7 +173,7 @@ impl ChannelAuth {
         }
         let Some(keys) = cache.get(openid) else {
             return Err(Refused::Keys(
-                "the channel's signing keys cannot be fetched now".into(),
+                "the signing keys cannot be fetched now".into(),
             ));
         };
         let jwk = keys
@@ -194,30 +194,57 @@ impl ChannelAuth {
         token: &str,
         channel_id: &str,
     ) -> Result<Value, Refused> {
+        let (claims, endorsed) = self
+            .verify_jwt(
+                &ch.openid_metadata,
+                &ch.issuer,
+                &ch.app_id,
+                &[Algorithm::RS256],
+                token,
+            )
+            .await?;
+        if !endorsed.is_empty() && !endorsed.iter().any(|c| c == channel_id) {
+            return Err(Refused::Token(format!(
+                "its signing key is not endorsed for channel {channel_id:?}"
+            )));
+        }
+        Ok(claims)
+    }
+
+    /// Checks a JWT against the keys the OpenID configuration at `openid` names: one of
+    /// `algs` (asymmetric only: `none` and HMAC, which would take a public key for a shared
+    /// secret, are never accepted), the key named by `kid`, `iss`, `aud`, and `exp`/`nbf`
+    /// within five minutes. Returns its claims and its key's endorsements.
+    pub async fn verify_jwt(
+        &self,
+        openid: &str,
+        issuer: &str,
+        audience: &str,
+        algs: &[Algorithm],
+        token: &str,
+    ) -> Result<(Value, Vec<String>), Refused> {
         let bad = |m: String| Refused::Token(m);
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| bad(format!("not a JWT: {e}")))?;
-        if header.alg != Algorithm::RS256 {
-            return Err(bad(format!("tokens must be RS256, not {:?}", header.alg)));
+        if !algs.contains(&header.alg) {
+            return Err(bad(format!(
+                "tokens must be signed with {algs:?}, not {:?}",
+                header.alg
+            )));
         }
         let kid = header
             .kid
             .ok_or_else(|| bad("the token names no key (kid)".into()))?;
-        let (key, endorsed) = self.key(&ch.openid_metadata, &kid).await?;
-        let mut v = Validation::new(Algorithm::RS256);
-        v.set_issuer(&[ch.issuer.as_str()]);
-        v.set_audience(&[ch.app_id.as_str()]);
+        let (key, endorsed) = self.key(openid, &kid).await?;
+        let mut v = Validation::new(header.alg);
+        v.set_issuer(&[issuer]);
+        v.set_audience(&[audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
         v.leeway = LEEWAY_SECS;
         v.validate_nbf = true;
         let data =
             jsonwebtoken::decode::<Value>(token, &key, &v).map_err(|e| bad(e.to_string()))?;
-        if !endorsed.is_empty() && !endorsed.iter().any(|c| c == channel_id) {
-            return Err(bad(format!(
-                "its signing key is not endorsed for channel {channel_id:?}"
-            )));
-        }
-        Ok(data.claims)
+        Ok((data.claims, endorsed))
     }
 
     /// The bot's token for the connector (OAuth 2.0 client credentials), cached.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod channel;
 pub mod images;
 
 use std::io::Write;

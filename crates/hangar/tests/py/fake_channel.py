@@ -5,7 +5,8 @@ and a fresh RSA key, the way the real channel signs them.
     fake_channel.py PORT_FILE        (writes the port it listens on, then serves)
 
     GET  /openid, /keys                     the OpenID configuration and JWKS
-    POST /sign   {"aud", "serviceurl"?, "iss"?, "exp_in"?, "nbf_in"?, "alg"?, "key"?}
+    GET  /.well-known/openid-configuration  the same, as an OIDC provider whose issuer is this URL
+    POST /sign   {"aud", "sub"?, "serviceurl"?, "iss"?, "exp_in"?, "nbf_in"?, "alg"?, "key"?}
                                             -> {"token"}; alg "none" mints an unsigned token,
                                                key "other" signs with a key the JWKS lacks
     POST /token                             client credentials -> {"access_token", ...}
@@ -68,6 +69,13 @@ class Handler(BaseHTTPRequestHandler):
                 "jwks_uri": f"http://127.0.0.1:{port}/keys",
                 "id_token_signing_alg_values_supported": ["RS256"],
             })
+        if self.path == "/.well-known/openid-configuration":
+            # As an OpenID Connect provider of its own (the issuer is this server).
+            return self.send_json(200, {
+                "issuer": f"http://127.0.0.1:{port}",
+                "jwks_uri": f"http://127.0.0.1:{port}/keys",
+                "id_token_signing_alg_values_supported": ["RS256"],
+            })
         if self.path == "/keys":
             return self.send_json(200, {"keys": [jwk()]})
         if self.path == "/recorded":
@@ -89,6 +97,8 @@ class Handler(BaseHTTPRequestHandler):
             }
             if "serviceurl" in req:
                 claims["serviceurl"] = req["serviceurl"]
+            if "sub" in req:
+                claims["sub"] = req["sub"]
             alg = req.get("alg", "RS256")
             if alg == "HS256":
                 # The key-confusion attack: HMAC keyed with the channel's public key, which
