@@ -156,6 +156,8 @@ pub async fn build_dir(
         );
     }
     let ignore = DockerIgnore::load(dir)?;
+    // Credentials are checked before a long upload, whose refusal would read as a broken pipe.
+    client.call(Method::GET, "/v1/images", None).await?;
     let (body, tarring) = tar_stream(dir.to_path_buf(), ignore, dockerfile.to_string());
     let path = format!(
         "/v1/images/build?name={}&dockerfile={}",
@@ -226,6 +228,7 @@ async fn import(
         return follow(resp, quiet).await;
     }
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    client.call(Method::GET, "/v1/images", None).await?;
     let (body, reading) = if meta.is_dir() {
         // A layout directory travels as an OCI archive: the same files, in a tar.
         if !path.join("oci-layout").is_file() {

@@ -29,6 +29,7 @@ fn hangar_cli(server: &Server, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_hangar"))
         .args(args)
         .env("HANGAR_URL", server.url(""))
+        .env("HANGAR_API_KEY", server.key())
         .output()
         .expect("hangar runs")
 }
