@@ -181,15 +181,36 @@ pub fn apply_limits(limits: &VmGuest) {
         )
         .map_err(|e| fail("mounting cgroup2", e))?;
         let write = |p: PathBuf, v: String| std::fs::write(&p, v).map_err(|e| fail(p.display(), e));
-        write(root.join("cgroup.subtree_control"), "+pids".into())?;
+        write(root.join("cgroup.subtree_control"), "+pids +memory".into())?;
         let sandbox = root.join("sandbox");
         std::fs::create_dir_all(&sandbox).map_err(|e| fail(sandbox.display(), e))?;
         write(sandbox.join("pids.max"), limits.pids_max.to_string())?;
+        // A process that grows past the guest's memory is killed by the cgroup, at once,
+        // rather than leaving the whole guest to thrash its page cache until the kernel's
+        // global OOM killer finally acts (minutes, under TCG). PID 1 is never chosen.
+        if let Some(max) = memory_max() {
+            write(sandbox.join("memory.max"), max.to_string())?;
+        }
         write(sandbox.join("cgroup.procs"), std::process::id().to_string())
     })();
     if let Err(e) = result {
-        log!("cannot apply the pids limit: {e}");
+        log!("cannot apply the guest's limits: {e}");
     }
+}
+
+/// The guest's memory less what its kernel and `hangar-init` need to stay responsive.
+fn memory_max() -> Option<u64> {
+    const RESERVE: u64 = 16 << 20;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    (kib * 1024).checked_sub(RESERVE).filter(|m| *m >= RESERVE)
 }
 
 /// Powers the VM off (QEMU runs with `-no-reboot`, so it exits).
