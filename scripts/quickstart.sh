@@ -65,7 +65,7 @@ step "the next message resumes it transparently; the notes are still there"
 step "the same endpoint speaks the OpenAI Responses API"
 cat <<EOF
   from openai import OpenAI
-  client = OpenAI(base_url="$HANGAR_URL/agents/notes", api_key="unused")
+  client = OpenAI(base_url="$HANGAR_URL/agents/notes", api_key=open("$data/admin-key").read().strip())
   r = client.responses.create(input="note: it works", extra_headers={"x-agent-user-id": "$user"})
   print(r.output_text)
 EOF
