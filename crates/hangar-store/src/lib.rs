@@ -1,5 +1,6 @@
-//! Hangar's control-plane store: images, agents, versions, traffic, sessions, and the index
-//! from response and conversation ids to sessions. sqlx on SQLite (WAL) in the data directory;
+//! Hangar's control-plane store: images, agents, versions, traffic, sessions, the index
+//! from response and conversation ids to sessions, mapped protocols' threads, sealed secrets,
+//! API keys, egress records and the audit trail. sqlx on SQLite (WAL) in the data directory;
 //! the SQL is kept portable so that the same migrations serve PostgreSQL later.
 //!
 //! This crate holds rows and the rules that keep them consistent (version numbering, traffic
@@ -8,8 +9,12 @@
 //! and the service agree on one clock.
 
 mod audit;
+mod egress;
+mod keys;
 
-pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, EgressRecord, KeyRow, GENESIS};
+pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, GENESIS};
+pub use egress::EgressRecord;
+pub use keys::KeyRow;
 
 use std::path::Path;
 
