@@ -323,8 +323,7 @@ async fn oidc_user(st: &AppState, path: &str, token: String) -> Result<String, R
         ));
     }
     let claims = st
-        .channels
-        .auth
+        .idp
         .verify_jwt(
             &oidc.discovery(),
             &oidc.issuer,
@@ -334,12 +333,12 @@ async fn oidc_user(st: &AppState, path: &str, token: String) -> Result<String, R
         )
         .await
         .map_err(|e| match e {
-            crate::mapping::Refused::Token(m) => refuse(
+            crate::idp::Refused::Token(m) => refuse(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 format!("the token was refused: {m}"),
             ),
-            crate::mapping::Refused::Keys(m) => {
+            crate::idp::Refused::Keys(m) => {
                 refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             }
         })?

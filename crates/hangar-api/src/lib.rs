@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod dataplane;
 mod error;
+mod idp;
 mod images;
 mod mapping;
 mod sandboxes;
@@ -21,6 +22,7 @@ pub use audit::{Audit, REQUEST_ID_HEADER};
 pub use auth::{Caller, Keys, Oidc, Role};
 pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
+pub use idp::IdentityProviders;
 pub use mapping::Channels;
 
 #[derive(Clone)]
@@ -34,7 +36,9 @@ pub struct AppState {
     pub audit: std::sync::Arc<Audit>,
     /// API keys.
     pub keys: std::sync::Arc<Keys>,
-    /// The mapped protocols' state: channel keys and tokens, per-conversation turn locks.
+    /// Identity providers' keys and tokens (OIDC end users, the Activity channel).
+    pub idp: std::sync::Arc<IdentityProviders>,
+    /// The mapped protocols' per-conversation state.
     pub channels: std::sync::Arc<Channels>,
     /// The largest file upload accepted, in bytes.
     pub max_upload: u64,

@@ -179,9 +179,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         audit,
         keys: std::sync::Arc::new(keys),
         pool: Default::default(),
-        channels: std::sync::Arc::new(
-            hangar_api::Channels::new().map_err(|e| anyhow::anyhow!("{e}"))?,
+        idp: std::sync::Arc::new(
+            hangar_api::IdentityProviders::new().map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
+        channels: Default::default(),
         max_upload: args.max_upload_mib * 1024 * 1024,
     });
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");

@@ -25,8 +25,9 @@ use serde_json::{json, Value};
 use hangar_proto::agent::{ActivityChannel, Protocol, SESSION_HEADER};
 use hangar_store::ThreadRow;
 
-use super::{call, ChannelAuth, Channels, Refused, Step, Text};
+use super::{call, Step, Text};
 use crate::dataplane::{forward, read_limited, Outbound};
+use crate::idp::{IdentityProviders, Refused};
 use crate::{ApiError, AppState};
 
 pub const PROTOCOL: &str = "activity";
@@ -53,7 +54,7 @@ fn str_at<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
 /// for its `serviceUrl` (a matching `serviceurl` claim): only then may the bot's token go
 /// there.
 async fn authenticate(
-    auth: &ChannelAuth,
+    auth: &IdentityProviders,
     ch: &ActivityChannel,
     headers: &HeaderMap,
     activity: &Value,
@@ -174,7 +175,7 @@ pub async fn messages(
             format!("agent {name:?} has no Activity Protocol channel (add channels.activity to its agent.yaml)"),
         )
     })?;
-    let auth = authenticate(&st.channels.auth, &ch, &parts.headers, &activity).await?;
+    let auth = authenticate(&st.idp, &ch, &parts.headers, &activity).await?;
     let vouched = auth == Some(true);
 
     let kind = str_at(&activity, "/type").ok_or_else(|| bad("the activity has no type"))?;
@@ -298,7 +299,7 @@ pub async fn messages(
         }
     }
     let channel = Replies {
-        auth: st.channels.clone(),
+        idp: st.idp.clone(),
         agents: st.agents.clone(),
         agent: turn.name.clone(),
         ch,
@@ -464,7 +465,7 @@ impl Turn {
 
 /// Sends reply activities to the channel's connector.
 struct Replies {
-    auth: Arc<Channels>,
+    idp: Arc<IdentityProviders>,
     agents: hangar_agents::Agents,
     agent: String,
     ch: ActivityChannel,
@@ -486,8 +487,7 @@ impl Replies {
             .map_err(|e| e.to_string())?;
         let value =
             String::from_utf8(value).map_err(|_| format!("secret {secret:?} is not UTF-8"))?;
-        self.auth
-            .auth
+        self.idp
             .bot_token(&self.agent, &self.ch, &value)
             .await
             .map(Some)
@@ -501,7 +501,7 @@ impl Replies {
                 return;
             }
         };
-        let mut req = self.auth.auth.http().post(&self.url).json(activity);
+        let mut req = self.idp.http().post(&self.url).json(activity);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

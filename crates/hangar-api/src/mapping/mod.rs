@@ -9,7 +9,6 @@
 
 pub(crate) mod activity;
 pub(crate) mod agui;
-mod jwt;
 mod sse;
 mod turn;
 
@@ -26,19 +25,17 @@ use hangar_proto::agent::Protocol;
 use crate::dataplane::{forward, Capture, Outbound};
 use crate::{ApiError, AppState};
 
-pub(crate) use jwt::{ChannelAuth, Refused};
 pub(crate) use turn::{output_text, Step};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-/// What the mapped protocols keep between requests: the channels' keys and tokens, one lock
-/// per conversation (its turns run one at a time, so that each chains on the last and two
+/// What the mapped protocols keep between requests: one lock per conversation (its turns run one at a time, so that each chains on the last and two
 /// first turns do not make two sessions), and the Activity ids recently taken (a channel
 /// that retries a slow turn does not run it twice).
+#[derive(Default)]
 pub struct Channels {
-    pub(crate) auth: ChannelAuth,
     locks: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seen: StdMutex<HashMap<String, Instant>>,
 }
@@ -47,14 +44,6 @@ pub struct Channels {
 const SEEN_FOR: Duration = Duration::from_secs(600);
 
 impl Channels {
-    pub fn new() -> Result<Channels, String> {
-        Ok(Channels {
-            auth: ChannelAuth::new()?,
-            locks: StdMutex::new(HashMap::new()),
-            seen: StdMutex::new(HashMap::new()),
-        })
-    }
-
     /// Waits for the conversation's earlier turn to end; the guard is this turn's.
     pub(crate) async fn turn_lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {

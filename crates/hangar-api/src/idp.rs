@@ -1,6 +1,6 @@
-//! The Activity Protocol's credentials, both ways: the channel's JWTs checked against the
-//! keys its OpenID configuration names (inbound), and the bot's client-credentials token for
-//! replies (outbound). Keys and tokens are cached; keys are fetched again when a token names
+//! Identity providers, both ways: JWTs checked against the keys a provider's OpenID
+//! configuration names (OIDC end users, the Activity channel's tokens), and OAuth
+//! client-credentials tokens fetched for Hangar's own calls (the bot's replies). Keys and tokens are cached; keys are fetched again when a token names
 //! one not seen (at most every five minutes), tokens five minutes before they expire.
 
 use std::collections::HashMap;
@@ -57,7 +57,7 @@ struct Token {
 }
 
 /// HTTP to identity providers and channels, and what it has learnt.
-pub struct ChannelAuth {
+pub struct IdentityProviders {
     http: reqwest::Client,
     keys: Mutex<HashMap<String, Keys>>,
     /// By (agent, endpoint, app id, scope, a digest of the secret): one agent's token is never
@@ -65,8 +65,8 @@ pub struct ChannelAuth {
     tokens: Mutex<HashMap<String, Token>>,
 }
 
-impl ChannelAuth {
-    pub fn new() -> Result<ChannelAuth, String> {
+impl IdentityProviders {
+    pub fn new() -> Result<IdentityProviders, String> {
         let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -76,7 +76,7 @@ impl ChannelAuth {
             .user_agent(concat!("hangar/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("building the HTTP client: {e}"))?;
-        Ok(ChannelAuth {
+        Ok(IdentityProviders {
             http,
             keys: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
