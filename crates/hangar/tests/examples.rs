@@ -3,29 +3,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{json, Value};
 
 use common::agents::{cli, deploy, http, repo_dir, tests_dir, wait_state, BASE_PACKAGES};
 use common::images::debian_base;
-use common::Server;
-
-/// The tests' Python venv (with the `openai` SDK), made once and reused.
-fn venv_python() -> PathBuf {
-    let out = Command::new("sh")
-        .arg(tests_dir().join("py/setup-venv.sh"))
-        .output()
-        .expect("sh runs");
-    assert!(
-        out.status.success(),
-        "creating the tests' Python venv failed (needs python3-venv: apt-get install python3-venv, \
-         and PyPI): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
-}
+use common::{venv_python, Server};
 
 /// Runs a client script from `tests/py` and returns the JSON line it prints last.
 fn py(server: &Server, script: &str, args: &[&str]) -> Value {

@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 use common::agents::{
     agent_dir, cli, deploy, http, http_anonymous, repo_dir, tests_dir, HResp, BASE_PACKAGES,
 };
-use common::channel::{venv_python, Channel, APP_ID};
+use common::channel::{Channel, APP_ID};
 use common::images::debian_base;
-use common::Server;
+use common::{venv_python, Server};
 
 /// One AG-UI run through `agui_run.py`; its summary (events, text, tool calls, violations).
 fn agui(server: &Server, agent: &str, user: &str, input: &Value) -> Value {

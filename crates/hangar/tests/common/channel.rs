@@ -1,32 +1,16 @@
-//! Helpers for the protocol and identity tests: the tests' Python venv, and the fake Bot
-//! Framework channel / OIDC provider (`tests/py/fake_channel.py`) on loopback.
+//! The fake Bot Framework channel / OIDC provider (`tests/py/fake_channel.py`) on loopback,
+//! for the protocol and identity tests.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::agents::tests_dir;
-use super::Server;
+use super::{venv_python, Server};
 
 /// The bot's app id the fake channel's tokens are for, in the tests.
 pub const APP_ID: &str = "11111111-2222-3333-4444-555555555555";
-
-/// The tests' Python venv (the `openai` and AG-UI SDKs, PyJWT), made once and reused.
-pub fn venv_python() -> PathBuf {
-    let out = Command::new("sh")
-        .arg(tests_dir().join("py/setup-venv.sh"))
-        .output()
-        .expect("sh runs");
-    assert!(
-        out.status.success(),
-        "creating the tests' Python venv failed (needs python3-venv: apt-get install python3-venv, \
-         and PyPI): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
-}
 
 /// The fake Bot Framework channel, stopped when dropped.
 pub struct Channel {

@@ -411,3 +411,18 @@ pub fn assert_nothing_left(server: &Server, id: &str) {
             .join("\n")
     );
 }
+
+/// The tests' Python venv (the `openai` and AG-UI SDKs, PyJWT), made once and reused.
+pub fn venv_python() -> PathBuf {
+    let out = Command::new("sh")
+        .arg(agents::tests_dir().join("py/setup-venv.sh"))
+        .output()
+        .expect("sh runs");
+    assert!(
+        out.status.success(),
+        "creating the tests' Python venv failed (needs python3-venv: apt-get install python3-venv, \
+         and PyPI): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
+}
