@@ -270,19 +270,9 @@ pub fn check_stream(frames: &[Frame]) -> Vec<Finding> {
                     out.must(at, format!("{ty} without output_index"));
                     continue;
                 };
-                let Some((id, done, args)) = items.get_mut(&idx) else {
-                    out.must(at, format!("{ty} for output item {idx}, never added"));
+                let Some(args) = open_item(&mut items, idx, item_id, ty, at, &mut out) else {
                     continue;
                 };
-                if *done {
-                    out.must(at, format!("{ty} for output item {idx} after it was done"));
-                }
-                if item_id != Some(id.as_str()) {
-                    out.must(
-                        at,
-                        format!("{ty}'s item_id {item_id:?} is not item {idx}'s id {id:?}"),
-                    );
-                }
                 if ty.ends_with(".delta") {
                     args.push_str(v.get("delta").and_then(Value::as_str).unwrap_or_default());
                 } else {
@@ -303,19 +293,9 @@ pub fn check_stream(frames: &[Frame]) -> Vec<Finding> {
                     out.must(at, format!("{ty} without output_index and content_index"));
                     continue;
                 };
-                let Some((id, done, text)) = items.get_mut(&idx) else {
-                    out.must(at, format!("{ty} for output item {idx}, never added"));
+                let Some(text) = open_item(&mut items, idx, item_id, ty, at, &mut out) else {
                     continue;
                 };
-                if *done {
-                    out.must(at, format!("{ty} for output item {idx} after it was done"));
-                }
-                if item_id != Some(id.as_str()) {
-                    out.must(
-                        at,
-                        format!("{ty}'s item_id {item_id:?} is not item {idx}'s id {id:?}"),
-                    );
-                }
                 // 0 = nothing yet, 1 = part added, 2 = text done, 3 = part done.
                 let entry = parts.entry((idx, ci)).or_insert((0, String::new()));
                 let next = match (ty, entry.0) {
@@ -361,6 +341,32 @@ pub fn check_stream(frames: &[Frame]) -> Vec<Finding> {
         );
     }
     out.0
+}
+
+/// The output item an event about item `idx`'s content is for, checked: added, not yet done,
+/// and named by the event's `item_id`. Returns the text (or arguments) gathered so far.
+fn open_item<'a>(
+    items: &'a mut std::collections::BTreeMap<i64, (String, bool, String)>,
+    idx: i64,
+    item_id: Option<&str>,
+    ty: &str,
+    at: Option<usize>,
+    out: &mut Out,
+) -> Option<&'a mut String> {
+    let Some((id, done, gathered)) = items.get_mut(&idx) else {
+        out.must(at, format!("{ty} for output item {idx}, never added"));
+        return None;
+    };
+    if *done {
+        out.must(at, format!("{ty} for output item {idx} after it was done"));
+    }
+    if item_id != Some(id.as_str()) {
+        out.must(
+            at,
+            format!("{ty}'s item_id {item_id:?} is not item {idx}'s id {id:?}"),
+        );
+    }
+    Some(gathered)
 }
 
 #[cfg(test)]
