@@ -7,6 +7,7 @@
 //! The actor is the API key (`key:<id>`), with the end user it named (`key:<id> as
 //! user:<u>`), or `channel` for an Activity Protocol call the channel's own token carried.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use axum::extract::{MatchedPath, Query, Request, State};
@@ -14,7 +15,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::json;
 
 use hangar_proto::agent::{SESSION_HEADER, USER_HEADER};
@@ -266,29 +266,39 @@ fn operator_only(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    agent: Option<String>,
-    session: Option<String>,
-    after: Option<i64>,
-    limit: Option<i64>,
-}
-
 /// `GET /v1/audit?agent=&session=&after=&limit=`.
 pub async fn list(
     State(st): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    let number = |k: &str| -> Result<Option<i64>, ApiError> {
+        q.get(k)
+            .map(|v| {
+                v.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(format!("{k} must be a whole number, not {v:?}"))
+                })
+            })
+            .transpose()
+    };
+    let (after, limit) = (number("after")?, number("limit")?);
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["agent", "session", "after", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter {k:?}; expected agent, session, after, limit"
+        )));
+    }
     operator_only(&headers)?;
-    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let limit = limit.unwrap_or(1000).clamp(1, 10_000);
     let records = st
         .audit
         .store
         .audit(&AuditFilter {
-            agent: q.agent,
-            session: q.session,
-            after: q.after,
+            agent: q.get("agent").cloned(),
+            session: q.get("session").cloned(),
+            after,
             limit,
         })
         .await

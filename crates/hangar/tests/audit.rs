@@ -140,6 +140,15 @@ fn the_audit_trail_records_changes_and_shows_tampering() {
         None,
     );
     assert_eq!(r.status, 403);
+    for bad in [
+        "/v1/audit?limit=ten",
+        "/v1/audit?after=-x",
+        "/v1/audit?agnet=ghost",
+    ] {
+        let r = http(&server, "GET", bad, &[], None);
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(r.json()["error"]["message"].is_string());
+    }
 
     let (ok, text) = verify(&server);
     assert!(ok, "{text}");
