@@ -1,5 +1,6 @@
 //! The audit trail at the API: every change and every session access is recorded with who,
-//! what, when and the request's id, before the answer leaves (`record`, a route layer, so that
+//! what, when and the request's id — a change before its answer leaves, a call to an agent
+//! beside its answer (`record`, a route layer, so that
 //! the route's template names the action). The trail itself is in the store, hash-chained; the
 //! position and hash of its last record are also kept in `<data>/audit-head`, so that records
 //! removed from its end are noticed too.
@@ -227,16 +228,23 @@ pub async fn record(
     if let Some((_, s)) = params.iter().find(|(k, _)| k == "secret") {
         detail["secret"] = json!(s);
     }
-    st.audit
-        .record(AuditEntry {
-            actor,
-            action,
-            agent,
-            session,
-            request_id: Some(id),
-            detail,
-        })
-        .await;
+    let entry = AuditEntry {
+        actor,
+        action,
+        agent,
+        session,
+        request_id: Some(id),
+        detail,
+    };
+    if entry.action.starts_with("session.invoke.") {
+        // A call to an agent is on the hot path: its record is written beside the answer
+        // (appends still happen one at a time, in the order they were made).
+        let audit = st.audit.clone();
+        tokio::spawn(async move { audit.record(entry).await });
+    } else {
+        // A change is recorded before its answer says it happened.
+        st.audit.record(entry).await;
+    }
     resp
 }
 
