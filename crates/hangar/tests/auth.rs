@@ -347,8 +347,21 @@ fn oidc_tokens_authenticate_end_users_on_the_data_plane() {
         None,
     );
     assert_eq!(r.status, 401, "{}", r.text());
-    // The audit trail names the signed-in user.
-    let audit = server.call("GET", "/v1/audit", None).json();
+    // The audit trail names the signed-in user (a call's record is written beside its
+    // answer, so it may land a moment later).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let audit = loop {
+        let audit = server.call("GET", "/v1/audit", None).json();
+        let found = audit["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["actor"] == "oidc:alice");
+        if found || std::time::Instant::now() > deadline {
+            break audit;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert!(
         audit["records"]
             .as_array()
