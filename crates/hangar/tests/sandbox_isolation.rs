@@ -169,13 +169,21 @@ fn isolation(driver: &str) {
     let of_a = egress(&a, 1);
     assert!(of_a.iter().all(|e| e["allowed"] == false), "{of_a:#?}");
     assert_eq!(of_a.len(), 1, "{of_a:#?}");
-    let audit = s.call("GET", "/v1/audit", None).json();
-    let denied = audit["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["action"] == "egress.denied")
-        .count();
+    // (Each is audited just after it is listed: wait for the last.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (denied, audit) = loop {
+        let audit = s.call("GET", "/v1/audit", None).json();
+        let denied = audit["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["action"] == "egress.denied")
+            .count();
+        if denied >= 3 || std::time::Instant::now() > deadline {
+            break (denied, audit);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert_eq!(denied, 3, "{audit:#}");
 
     // No host devices: crun has no CAP_MKNOD and a device cgroup refusing all but the usual
