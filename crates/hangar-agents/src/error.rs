@@ -42,6 +42,9 @@ pub enum AgentsError {
     Sandbox(#[from] SandboxError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// Hangar itself failed (a key that does not open, a token that cannot be signed).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl AgentsError {

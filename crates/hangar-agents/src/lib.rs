@@ -14,6 +14,7 @@
 
 mod agent_link;
 mod error;
+pub mod identity;
 mod scheduler;
 mod secrets;
 
@@ -26,13 +27,14 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Mutex;
 
 use hangar_proto::agent::{Agent, AgentSpec, DeployRequest, Session, SessionState, Version};
-use hangar_proto::sandbox::{Checkpoint, CreateSandbox, Egress, SandboxState};
+use hangar_proto::sandbox::{Checkpoint, CreateSandbox, Egress, SandboxState, SecretInjection};
 use hangar_sandbox::{SandboxError, Sandboxes};
 use hangar_store::{RefKind, SessionRow, Store, ThreadKey, ThreadRow, VersionRow};
 
 pub use agent_link::{connect, BoxError};
 pub use error::{AgentsError, ErrorSource};
-pub use secrets::{SecretKey, MAX_SECRET};
+pub use identity::{Identity, IdentityConfig, SessionClaims};
+pub use secrets::{SecretKey, SecretVault, MAX_SECRET};
 
 /// Node-wide settings of the session service.
 #[derive(Debug, Clone)]
@@ -44,6 +46,8 @@ pub struct Config {
     pub tick: Duration,
     /// Seals agent secrets at rest; without it, secrets cannot be set or used.
     pub secrets_key: Option<SecretKey>,
+    /// Hangar as its agents' token issuer (needs `secrets_key`, which seals the signing keys).
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Default for Config {
@@ -52,6 +56,7 @@ impl Default for Config {
             max_running: 64,
             tick: Duration::from_millis(500),
             secrets_key: None,
+            identity: None,
         }
     }
 }
@@ -78,6 +83,10 @@ struct Live {
     last_activity: StdMutex<SystemTime>,
     /// `last_activity` changed since it was last written to the store.
     dirty: std::sync::atomic::AtomicBool,
+    /// When the session token its sandbox holds expires (`None`: it holds none yet).
+    token_expires: StdMutex<Option<SystemTime>>,
+    /// A renewal of the token is under way.
+    renewing: std::sync::atomic::AtomicBool,
 }
 
 impl Live {
@@ -99,6 +108,7 @@ struct Inner {
     cfg: Config,
     live: StdMutex<HashMap<String, Arc<Live>>>,
     versions: StdMutex<HashMap<(String, i64), Arc<VersionInfo>>>,
+    identity: Option<Arc<Identity>>,
 }
 
 #[derive(Clone)]
@@ -160,6 +170,20 @@ impl Agents {
         sandboxes: Sandboxes,
         cfg: Config,
     ) -> Result<Agents, AgentsError> {
+        let identity = match (&cfg.identity, &cfg.secrets_key) {
+            (Some(id), Some(key)) => Some(Arc::new(Identity::new(
+                store.clone(),
+                key.clone(),
+                id.clone(),
+            ))),
+            (Some(_), None) => {
+                return Err(AgentsError::Invalid(
+                    "agent identities need the key for secrets, which seals their signing keys"
+                        .into(),
+                ))
+            }
+            (None, _) => None,
+        };
         let me = Agents {
             inner: Arc::new(Inner {
                 store,
@@ -167,6 +191,7 @@ impl Agents {
                 cfg,
                 live: StdMutex::new(HashMap::new()),
                 versions: StdMutex::new(HashMap::new()),
+                identity,
             }),
         };
         me.recover().await?;
@@ -176,6 +201,113 @@ impl Agents {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Hangar as its agents' token issuer, if configured.
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.inner.identity.as_ref()
+    }
+
+    /// A fresh session token for `live`, noted as the one its sandbox will hold.
+    async fn mint_token(&self, live: &Live) -> Result<Option<String>, AgentsError> {
+        let Some(identity) = &self.inner.identity else {
+            return Ok(None);
+        };
+        let (token, expires) = identity
+            .session_token(&live.agent, live.version, &live.id, &live.isolation_key)
+            .await?;
+        *live.token_expires.lock().unwrap() = Some(expires);
+        Ok(Some(token))
+    }
+
+    /// Gives a running session's sandbox a fresh token when a third of the current one's
+    /// life is left (or it has none, after a restart of `hangar serve`).
+    pub(crate) async fn renew_token(&self, live: &Arc<Live>) {
+        let Some(identity) = &self.inner.identity else {
+            return;
+        };
+        let due = match *live.token_expires.lock().unwrap() {
+            None => true,
+            Some(exp) => {
+                exp.duration_since(SystemTime::now()).unwrap_or_default()
+                    < identity.session_ttl() / 3
+            }
+        };
+        if !due || live.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            let sandbox = live.sandbox.lock().unwrap().clone();
+            let result = async {
+                let sandbox = sandbox.ok_or_else(|| no_session(&live.id))?;
+                let previous = *live.token_expires.lock().unwrap();
+                let token = me.mint_token(&live).await?.unwrap_or_default();
+                if let Err(e) = me.inner.sandboxes.set_token(&sandbox, token).await {
+                    *live.token_expires.lock().unwrap() = previous;
+                    return Err(e.into());
+                }
+                Ok::<_, AgentsError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::debug!(session = %live.id, error = %e, "cannot renew the session token yet");
+            }
+            live.renewing.store(false, Ordering::Release);
+        });
+    }
+
+    /// RFC 8693 token exchange for a sandbox: its session token for an on-behalf-of token of
+    /// the session's user, for `audience`. Refused unless the token is valid and is the
+    /// session token of the session that `sandbox` serves, which still belongs to that user.
+    pub async fn exchange_token(
+        &self,
+        sandbox: &str,
+        subject_token: &str,
+        audience: &str,
+        scope: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(String, SessionClaims), ExchangeError> {
+        let identity = self
+            .inner
+            .identity
+            .as_ref()
+            .ok_or_else(|| ExchangeError::Unavailable("this server issues no tokens".into()))?;
+        if audience.is_empty()
+            || audience.len() > 512
+            || audience
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ExchangeError::Target(
+                "audience must be 1 to 512 characters without spaces".into(),
+            ));
+        }
+        let claims = identity
+            .verify_session_token(subject_token)
+            .await
+            .map_err(|e| ExchangeError::Grant(format!("the subject token is not valid: {e}")))?;
+        let owner = self.session_of_sandbox(sandbox);
+        if owner.as_ref().map(|(_, s)| s.as_str()) != Some(claims.session_id.as_str()) {
+            return Err(ExchangeError::Grant(
+                "the subject token is not the session token of this sandbox's session".into(),
+            ));
+        }
+        let live = self
+            .live(&claims.session_id)
+            .filter(|l| l.isolation_key == claims.isolation_key && l.agent == claims.agent)
+            .ok_or_else(|| {
+                ExchangeError::Grant("the subject token's session is not its user's".into())
+            })?;
+        if matches!(live.state(), SessionState::Deleted | SessionState::Failed) {
+            return Err(ExchangeError::Grant("the session is over".into()));
+        }
+        let token = identity
+            .obo_token(&claims, audience, scope, ttl)
+            .await
+            .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
+        Ok((token, claims))
     }
 
     async fn recover(&self) -> Result<(), AgentsError> {
@@ -248,6 +380,8 @@ impl Agents {
             state: StdMutex::new(state),
             last_activity: StdMutex::new(parse_time(&row.last_activity)),
             dirty: Default::default(),
+            token_expires: StdMutex::new(None),
+            renewing: Default::default(),
         });
         self.inner
             .live
@@ -443,6 +577,9 @@ impl Agents {
             }
         }
         self.inner.store.delete_agent(name).await?;
+        if let Some(identity) = &self.inner.identity {
+            identity.forget(name);
+        }
         Ok(())
     }
 
@@ -531,7 +668,22 @@ impl Agents {
         }
         let result = async {
             let spec = &info.spec;
+            let token = self.mint_token(&live).await?;
             let mut env = spec.env.clone();
+            if token.is_some() {
+                env.insert(
+                    "HANGAR_TOKEN_FILE".into(),
+                    format!(
+                        "{}/{}",
+                        hangar_proto::init::RUN_DIR_IN_SANDBOX,
+                        hangar_proto::init::TOKEN_FILE
+                    ),
+                );
+                env.insert(
+                    "HANGAR_TOKEN_ENDPOINT".into(),
+                    identity::TOKEN_ENDPOINT_IN_SANDBOX.into(),
+                );
+            }
             env.insert("PORT".into(), spec.port.to_string());
             env.insert("FOUNDRY_AGENT_NAME".into(), agent.to_owned());
             env.insert("FOUNDRY_AGENT_VERSION".into(), version.to_string());
@@ -552,8 +704,22 @@ impl Agents {
                     egress: Egress {
                         policy: spec.network.egress,
                         allow: spec.network.allow.clone(),
+                        attach: spec.network.attach.clone(),
                     },
                     command: None,
+                    inject: spec
+                        .network
+                        .inject
+                        .iter()
+                        .map(|i| SecretInjection {
+                            hosts: i.hosts.clone(),
+                            header: i.header.clone(),
+                            format: i.format(),
+                            secret: SecretVault::reference(agent, &i.secret),
+                            tls: i.tls,
+                        })
+                        .collect(),
+                    token,
                 })
                 .await?;
             let started = async {
@@ -1045,6 +1211,11 @@ impl Agents {
             return Err(e);
         }
         let resumed = async {
+            // The sandbox gets a fresh token as it resumes: the one it held may have expired
+            // while it was suspended.
+            if let Some(token) = self.mint_token(live).await? {
+                self.inner.sandboxes.set_token(&sandbox, token).await?;
+            }
             self.inner.sandboxes.resume(&sandbox).await?;
             self.wait_agent(&sandbox, info.spec.startup_timeout.0).await
         }
@@ -1419,6 +1590,20 @@ fn version_view(row: VersionRow) -> Result<Version, AgentsError> {
         created_at: row.created_at,
         unchanged: false,
     })
+}
+
+/// Why a token exchange was refused, as RFC 6749's error codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// `invalid_grant`: the subject token is bad or not this sandbox's.
+    #[error("{0}")]
+    Grant(String),
+    /// `invalid_target`: the audience.
+    #[error("{0}")]
+    Target(String),
+    /// The server cannot issue tokens.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn no_agent(name: &str) -> AgentsError {

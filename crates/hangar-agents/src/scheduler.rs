@@ -16,6 +16,7 @@ pub(crate) async fn run(agents: Agents) {
         tick.tick().await;
         idle_pass(&agents).await;
         retention_pass(&agents).await;
+        token_pass(&agents).await;
         if last_flush.elapsed() >= FLUSH_EVERY {
             last_flush = Instant::now();
             flush_pass(&agents).await;
@@ -27,6 +28,18 @@ pub(crate) async fn run(agents: Agents) {
 /// serve` (the scheduler works from memory; a suspension flushes its session first), so a
 /// busy node does not write every active session twice a second.
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+/// Renews the session tokens of running sessions before they expire.
+async fn token_pass(agents: &Agents) {
+    if agents.identity().is_none() {
+        return;
+    }
+    for live in agents.all_live() {
+        if live.state() == SessionState::Running {
+            agents.renew_token(&live).await;
+        }
+    }
+}
 
 async fn flush_pass(agents: &Agents) {
     for live in agents.all_live() {

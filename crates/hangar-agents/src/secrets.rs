@@ -81,7 +81,7 @@ impl SecretKey {
         XChaCha20Poly1305::new((&self.0).into())
     }
 
-    fn seal(&self, agent: &str, name: &str, value: &[u8]) -> String {
+    pub(crate) fn seal(&self, agent: &str, name: &str, value: &[u8]) -> String {
         let mut nonce = [0u8; 24];
         getrandom::getrandom(&mut nonce).expect("the OS random source works");
         let aad = format!("{agent}\0{name}");
@@ -100,7 +100,7 @@ impl SecretKey {
         base64::engine::general_purpose::STANDARD.encode(out)
     }
 
-    fn open(&self, agent: &str, name: &str, sealed: &str) -> Option<Vec<u8>> {
+    pub(crate) fn open(&self, agent: &str, name: &str, sealed: &str) -> Option<Vec<u8>> {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(sealed)
             .ok()?;
@@ -118,6 +118,50 @@ impl SecretKey {
                 },
             )
             .ok()
+    }
+}
+
+/// The egress proxy's source of secret values: `{agent}/{name}` references, opened from the
+/// store at each use (so a secret set or removed takes effect on the next request).
+pub struct SecretVault {
+    store: hangar_store::Store,
+    key: SecretKey,
+}
+
+impl SecretVault {
+    pub fn new(store: hangar_store::Store, key: SecretKey) -> SecretVault {
+        SecretVault { store, key }
+    }
+
+    /// The reference the proxy is given for an agent's secret.
+    pub fn reference(agent: &str, name: &str) -> String {
+        format!("{agent}/{name}")
+    }
+}
+
+impl hangar_sandbox::egress::SecretSource for SecretVault {
+    fn secret(
+        &self,
+        reference: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>> {
+        let (store, key) = (self.store.clone(), self.key.clone());
+        let reference = reference.to_owned();
+        Box::pin(async move {
+            let (agent, name) = reference
+                .split_once('/')
+                .ok_or_else(|| format!("bad secret reference {reference:?}"))?;
+            let sealed = store
+                .secret(agent, name)
+                .await
+                .map_err(|e| format!("reading secret {name:?}: {e}"))?
+                .ok_or_else(|| {
+                    format!("agent {agent:?} has no secret {name:?} (hangar secrets set {agent} {name})")
+                })?;
+            let value = key
+                .open(agent, name, &sealed)
+                .ok_or_else(|| format!("secret {name:?} does not open with this server's key"))?;
+            String::from_utf8(value).map_err(|_| format!("secret {name:?} is not text"))
+        })
     }
 }
 

@@ -93,6 +93,10 @@ impl From<AgentsError> for ApiError {
                     hangar_sandbox::error_chain(&e),
                 )
             }
+            AgentsError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+            }
         };
         err.source = Some(source);
         err

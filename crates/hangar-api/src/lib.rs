@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod dataplane;
 mod error;
+mod identity;
 mod idp;
 mod images;
 mod mapping;
@@ -22,6 +23,7 @@ pub use audit::{Audit, REQUEST_ID_HEADER};
 pub use auth::{Caller, Keys, Oidc, Role};
 pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
+pub use identity::internal_service;
 pub use idp::IdentityProviders;
 pub use mapping::Channels;
 
@@ -69,6 +71,11 @@ pub fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
         )
+        .route(
+            "/.well-known/openid-configuration",
+            get(identity::openid_configuration),
+        )
+        .route("/.well-known/jwks.json", get(identity::jwks))
         .route("/v1/doctor", get(sandboxes::doctor))
         // images.rs: build, import, bootstrap, list.
         .route("/v1/images", get(images::list))

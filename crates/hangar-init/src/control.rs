@@ -45,6 +45,8 @@ pub struct App {
     pub files_root: PathBuf,
     /// Where users are looked up and commands found (always `/` in a sandbox).
     pub users_root: PathBuf,
+    /// The run directory, where the session token file is kept.
+    pub run_dir: PathBuf,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -56,6 +58,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/files/mkdir", post(mkdir))
         .route("/suspend", post(suspend))
         .route("/clock", post(set_clock))
+        .route("/token", axum::routing::put(set_token))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .with_state(app)
@@ -204,6 +207,17 @@ async fn suspend(State(app): State<Arc<App>>) -> Response {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
+}
+
+/// Replaces the session token file with a fresh token.
+async fn set_token(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    crate::token::valid(&body).map_err(ApiError::bad_request)?;
+    let dir = app.run_dir.clone();
+    tokio::task::spawn_blocking(move || crate::token::write(&dir, &body))
+        .await
+        .map_err(|e| ApiError::internal("writing the token", e))?
+        .map_err(|e| ApiError::internal("writing the token", e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Sets the wall clock: a microVM restored from a snapshot wakes up with the time it was

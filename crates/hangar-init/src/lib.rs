@@ -26,4 +26,5 @@ pub mod reaper;
 pub mod resolve;
 pub mod spawn;
 pub mod startup;
+pub mod token;
 pub mod users;

@@ -113,7 +113,14 @@ async fn run(
         sockets: sockets.clone(),
         files_root: paths.files_root.clone(),
         users_root: "/".into(),
+        run_dir: paths.run_dir.clone(),
     });
+    // The agent finds its identity in place from its first instruction on.
+    if let Some(token) = &config.token {
+        if let Err(e) = crate::token::write(&paths.run_dir, token.as_bytes()) {
+            log!("cannot write the session token: {e}");
+        }
+    }
     let router = control::router(app);
     if let Some(limits) = config.guard {
         tokio::spawn(crate::guard::run(limits));

@@ -107,6 +107,7 @@ impl AgentSpec {
         if let Some(a) = &self.channels.activity {
             a.validate()?;
         }
+        self.network.validate()?;
         Ok(())
     }
 }
@@ -227,6 +228,96 @@ impl AgentResources {
 pub struct Network {
     pub egress: EgressPolicyKind,
     pub allow: Vec<String>,
+    /// A host network namespace (`ip netns add NAME`) that the egress proxy connects from:
+    /// the operator's route out for this agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach: Option<String>,
+    /// Secrets the egress proxy adds to the agent's requests to some hosts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject: Vec<Inject>,
+}
+
+/// `network.inject[]` in agent.yaml: the agent calls `http://HOST/...` through its proxy
+/// without credentials, and the request leaves with the secret in a header (over TLS that
+/// Hangar makes, unless `tls: false`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Inject {
+    /// The name of an agent secret (`hangar secrets set AGENT NAME`).
+    pub secret: String,
+    /// Host patterns as in `allow`; each must also be allowed by the egress policy.
+    pub hosts: Vec<String>,
+    #[serde(default = "default_inject_header")]
+    pub header: String,
+    /// The header's value with `{value}` for the secret. Default: `Bearer {value}` for
+    /// `Authorization`, else `{value}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default = "default_true")]
+    pub tls: bool,
+}
+
+fn default_inject_header() -> String {
+    "Authorization".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Inject {
+    /// The header value template, defaults applied.
+    pub fn format(&self) -> String {
+        match &self.format {
+            Some(f) => f.clone(),
+            None if self.header.eq_ignore_ascii_case("authorization") => "Bearer {value}".into(),
+            None => "{value}".into(),
+        }
+    }
+}
+
+impl Network {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(name) = &self.attach {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name != "."
+                && name != ".."
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "network.attach {name:?} must name a network namespace (1-64 letters, digits, '_', '.', '-')"
+                ));
+            }
+            if self.egress == EgressPolicyKind::None {
+                return Err("network.attach needs an egress policy other than \"none\"".into());
+            }
+        }
+        for (i, inj) in self.inject.iter().enumerate() {
+            valid_secret_name(&inj.secret)
+                .map_err(|e| format!("network.inject[{i}].secret: {e}"))?;
+            if inj.hosts.is_empty() {
+                return Err(format!(
+                    "network.inject[{i}].hosts must name at least one host"
+                ));
+            }
+            if self.egress == EgressPolicyKind::None {
+                return Err(format!(
+                    "network.inject[{i}] cannot reach its hosts: the egress policy is \"none\""
+                ));
+            }
+            if !inj.format().contains("{value}") {
+                return Err(format!(
+                    "network.inject[{i}].format must contain {{value}} where the secret goes"
+                ));
+            }
+            if inj.format().contains(['\r', '\n']) {
+                return Err(format!("network.inject[{i}].format must be one line"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `channels:` in agent.yaml.

@@ -15,6 +15,7 @@
 //! | `GET /files?path=` | | 200 [`crate::sandbox::FileStat`] |
 //! | `POST /files/mkdir?path=` | | 200 [`crate::sandbox::FileEntry`] |
 //! | `POST /suspend` | | 200; then `hangar-init` closes every host socket (see below) |
+//! | `PUT /token` | the session token (a JWT) | 204, once it is in [`TOKEN_FILE`] |
 //!
 //! Errors are [`crate::ErrorBody`] with 400 (bad path or request), 401 (no or wrong secret),
 //! 404 (no such file or executable), 409 (wrong file type), 413 (too large), 500.
@@ -39,6 +40,13 @@ pub const RUN_DIR_IN_SANDBOX: &str = "/run/hangar";
 pub const INIT_DIR_IN_SANDBOX: &str = "/.hangar";
 pub const DEFAULT_AGENT_PORT: u16 = 8088;
 pub const PROXY_PORT: u16 = 3128;
+/// The file in the run directory holding the session's current identity token (a JWT): the
+/// agent reads it when it needs it (its path is `HANGAR_TOKEN_FILE` in the agent's
+/// environment, never the token itself). `hangar-init` writes it before starting the agent and
+/// replaces it atomically each time Hangar sends a fresh one.
+pub const TOKEN_FILE: &str = "token";
+/// The largest token `hangar-init` accepts.
+pub const MAX_TOKEN: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +68,10 @@ pub struct InitConfig {
     /// the guest kernel's own cgroups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmGuest>,
+    /// The session token to put in [`TOKEN_FILE`] before the agent starts (sessions of an
+    /// agent have one; bare sandboxes do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// `POST /clock`: the wall-clock time to set (a microVM's clock stands still while suspended).

@@ -89,6 +89,29 @@ pub struct Egress {
     pub policy: EgressPolicyKind,
     /// Host patterns: `example.org`, `*.example.com`, optionally with `:port`.
     pub allow: Vec<String>,
+    /// A host network namespace (`/run/netns/NAME`) that allowed connections are made from,
+    /// instead of the host's own network: the operator's route out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach: Option<String>,
+}
+
+/// A secret the egress proxy adds to plain-HTTP requests to some hosts, so that the sandbox
+/// never holds it. Set by Hangar's agents layer from `agent.yaml`, never through the sandbox
+/// API (whose callers may not read agents' secrets).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretInjection {
+    /// Host patterns, as in [`Egress::allow`].
+    pub hosts: Vec<String>,
+    /// The header to set (any value the sandbox sent for it is dropped).
+    pub header: String,
+    /// The header's value, with `{value}` where the secret goes.
+    pub format: String,
+    /// Where the proxy's secret source finds the value (opaque here).
+    pub secret: String,
+    /// The host is reached over TLS, which the proxy originates: the sandbox sends
+    /// `http://host/…` and the request leaves as `https://host/…`.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +130,12 @@ pub struct CreateSandbox {
     /// Overrides the image's entrypoint and command for the agent process. Empty: the image's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// Secrets the egress proxy adds to requests (in-process callers only).
+    #[serde(skip)]
+    pub inject: Vec<SecretInjection>,
+    /// The first session token (in-process callers only; see `init::TOKEN_FILE`).
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -7,14 +7,104 @@
 //! connection is made. Loopback, link-local and unspecified addresses — the host itself,
 //! Hangar's API, cloud metadata services — are refused unless an exact allowlist entry names them.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 
-use hangar_proto::sandbox::{Egress, EgressPolicyKind};
+use hangar_proto::sandbox::{Egress, EgressPolicyKind, SecretInjection};
+
+/// The name under which a sandbox reaches Hangar's own services for sandboxes (its identity
+/// endpoints) through the proxy: `http://hangar.internal/…`. Never resolved, never egress.
+pub const INTERNAL_HOST: &str = "hangar.internal";
+
+/// Where the proxy finds the values of the secrets it injects.
+pub trait SecretSource: Send + Sync {
+    /// The value named by `reference` (a [`SecretInjection::secret`]), or why there is none.
+    fn secret(
+        &self,
+        reference: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+}
+
+/// Serves a connection a sandbox made to [`INTERNAL_HOST`]; the first argument is the sandbox.
+pub type InternalService =
+    Arc<dyn Fn(String, Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What every sandbox's proxy shares: where it records, where secrets and Hangar's internal
+/// service come from (the latter set once `hangar serve` has built its router).
+#[derive(Clone, Default)]
+pub struct Shared {
+    pub log: Option<EgressLog>,
+    pub secrets: Option<Arc<dyn SecretSource>>,
+    pub internal: Arc<OnceLock<InternalService>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("log", &self.log.is_some())
+            .field("secrets", &self.secrets.is_some())
+            .field("internal", &self.internal.get().is_some())
+            .finish()
+    }
+}
+
+/// A connection whose first bytes were already read (the proxy's look at the request head),
+/// handed on as if they had not been.
+pub struct Prefixed {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: UnixStream,
+}
+
+impl Prefixed {
+    pub fn new(prefix: Vec<u8>, inner: UnixStream) -> Prefixed {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -32,6 +122,10 @@ pub struct EgressPolicy {
     rules: Vec<Rule>,
     /// Addresses never reachable whatever the policy says (Hangar's own API).
     forbidden: Vec<SocketAddr>,
+    /// Secrets added to requests to some hosts, with the hosts' parsed patterns.
+    injections: Vec<(Vec<Rule>, SecretInjection)>,
+    /// The network namespace connections are made from (`network.attach`), if not the host's.
+    attach: Option<crate::netns::NetnsConnector>,
 }
 
 impl EgressPolicy {
@@ -49,7 +143,45 @@ impl EgressPolicy {
             kind: egress.policy,
             rules,
             forbidden,
+            injections: Vec::new(),
+            attach: None,
         })
+    }
+
+    /// Makes the connections from inside this namespace instead of the host's network.
+    pub fn attached(mut self, netns: Option<crate::netns::NetnsConnector>) -> EgressPolicy {
+        self.attach = netns;
+        self
+    }
+
+    /// Adds the secrets to inject; the error names a bad host pattern or header.
+    pub fn with_injections(mut self, inject: &[SecretInjection]) -> Result<EgressPolicy, String> {
+        for i in inject {
+            let rules = i
+                .hosts
+                .iter()
+                .map(|h| parse_rule(h))
+                .collect::<Result<Vec<_>, _>>()?;
+            if i.header.is_empty()
+                || !i
+                    .header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            {
+                return Err(format!("invalid header name {:?}", i.header));
+            }
+            self.injections.push((rules, i.clone()));
+        }
+        Ok(self)
+    }
+
+    /// The secret to add to a request to `host:port`, if any.
+    fn injection(&self, host: &str, port: u16) -> Option<&SecretInjection> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.injections
+            .iter()
+            .find(|(rules, _)| rules.iter().any(|r| r.matches(&host, port)))
+            .map(|(_, i)| i)
     }
 
     /// Whether `addr` is one of Hangar's own listeners, whatever form the address takes
@@ -72,25 +204,29 @@ impl EgressPolicy {
             EgressPolicyKind::None => Err(format!("egress policy \"none\" refuses {host}:{port}")),
             EgressPolicyKind::All => Ok(false),
             EgressPolicyKind::Allowlist => {
-                for r in &self.rules {
-                    if r.port.is_some_and(|p| p != port) {
-                        continue;
-                    }
-                    if !r.wildcard && r.host == host {
-                        return Ok(host == "localhost"
-                            || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok());
-                    }
-                    if r.wildcard
-                        && host.len() > r.host.len() + 1
-                        && host.ends_with(&format!(".{}", r.host))
-                    {
-                        return Ok(false);
-                    }
+                if let Some(r) = self.rules.iter().find(|r| r.matches(&host, port)) {
+                    return Ok(!r.wildcard
+                        && (host == "localhost"
+                            || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok()));
                 }
                 Err(format!(
                     "{host}:{port} is not on this sandbox's egress allowlist"
                 ))
             }
+        }
+    }
+}
+
+impl Rule {
+    /// Whether this rule names `host` (lower case, no trailing dot) on `port`.
+    fn matches(&self, host: &str, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        if self.wildcard {
+            host.len() > self.host.len() + 1 && host.ends_with(&format!(".{}", self.host))
+        } else {
+            self.host == host
         }
     }
 }
@@ -181,6 +317,7 @@ const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send its request head, and a name to resolve.
 const HEAD_DEADLINE: Duration = Duration::from_secs(30);
 const LOOKUP_DEADLINE: Duration = Duration::from_secs(10);
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Serves one sandbox's `egress.sock` until this task is aborted, which also closes every
 /// connection it carries (they live in its `JoinSet`).
@@ -188,7 +325,7 @@ pub async fn serve(
     listener: UnixListener,
     policy: Arc<EgressPolicy>,
     sandbox: String,
-    log: Option<EgressLog>,
+    shared: Shared,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
@@ -211,9 +348,9 @@ pub async fn serve(
         };
         let policy = policy.clone();
         let sandbox = sandbox.clone();
-        let log = log.clone();
+        let shared = shared.clone();
         conns.spawn(async move {
-            if let Err(e) = handle(conn, &policy, &sandbox, log.as_ref()).await {
+            if let Err(e) = handle(conn, &policy, &sandbox, &shared).await {
                 tracing::debug!(%sandbox, error = %e, "egress connection ended");
             }
             drop(slot);
@@ -317,8 +454,9 @@ async fn handle(
     mut conn: UnixStream,
     policy: &EgressPolicy,
     sandbox: &str,
-    log: Option<&EgressLog>,
+    shared: &Shared,
 ) -> std::io::Result<()> {
+    let log = shared.log.as_ref();
     let mut buf = Vec::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + HEAD_DEADLINE;
     let head_len = loop {
@@ -337,36 +475,102 @@ async fn handle(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head = match parse_head(&buf[..head_len]) {
+    let mut head = match parse_head(&buf[..head_len]) {
         Ok(h) => h,
         Err(e) => return refuse(&mut conn, 400, &e).await,
+    };
+    if head
+        .host
+        .trim_end_matches('.')
+        .eq_ignore_ascii_case(INTERNAL_HOST)
+    {
+        if head.connect || head.port != 80 {
+            return refuse(
+                &mut conn,
+                400,
+                "hangar.internal speaks plain HTTP on port 80: use http://hangar.internal/...",
+            )
+            .await;
+        }
+        let Some(service) = shared.internal.get() else {
+            return refuse(&mut conn, 503, "Hangar's internal service is not ready").await;
+        };
+        service(sandbox.to_owned(), Prefixed::new(buf, conn)).await;
+        return Ok(());
+    }
+    let injection = policy.injection(&head.host, head.port).cloned();
+    // TLS that Hangar originates goes to the HTTPS port unless the URL named another.
+    let tls = injection.as_ref().is_some_and(|i| i.tls);
+    let port = if tls && head.port == 80 {
+        443
+    } else {
+        head.port
     };
     let event =
         |allowed: bool, reason: Option<String>, bytes_out: u64, bytes_in: u64| EgressEvent {
             sandbox: sandbox.to_owned(),
             host: head.host.clone(),
-            port: head.port,
+            port,
             allowed,
             reason,
             bytes_out,
             bytes_in,
         };
-    let exact = match policy.check(&head.host, head.port) {
+    if head.connect && injection.is_some() {
+        let reason = format!(
+            "{}:{} gets a secret from Hangar, which it can add only to plain requests: \
+             send http://{}/... through the proxy and Hangar makes the TLS connection",
+            head.host, head.port, head.host
+        );
+        report(log, event(false, Some(reason.clone()), 0, 0));
+        return refuse(&mut conn, 403, &reason).await;
+    }
+    let exact = match policy.check(&head.host, port) {
         Ok(exact) => exact,
         Err(reason) => {
-            tracing::info!(%sandbox, host = %head.host, port = head.port, "egress denied");
+            tracing::info!(%sandbox, host = %head.host, port, "egress denied");
             report(log, event(false, Some(reason.clone()), 0, 0));
             return refuse(&mut conn, 403, &reason).await;
         }
     };
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
-        LOOKUP_DEADLINE,
-        tokio::net::lookup_host((head.host.as_str(), head.port)),
-    )
-    .await
-    .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
+    if let Some(inj) = &injection {
+        let value = match &shared.secrets {
+            Some(source) => source.secret(&inj.secret).await,
+            None => Err("this server keeps no secrets".to_owned()),
+        }
+        .and_then(|v| {
+            if v.is_empty() || v.contains(['\r', '\n', '\0']) {
+                Err("its value is empty or has a line break, which cannot go in a header".into())
+            } else {
+                Ok(v)
+            }
+        })
+        .and_then(|v| {
+            inject_header(&head.forward, &inj.header, &inj.format, &v)
+                .ok_or_else(|| "the request head is not text".to_owned())
+        });
+        match value {
+            Ok(forward) => head.forward = forward,
+            Err(e) => {
+                let reason = format!("cannot add the secret for {}: {e}", head.host);
+                report(log, event(false, Some(reason.clone()), 0, 0));
+                return refuse(&mut conn, 502, &reason).await;
+            }
+        }
+    }
+    let lookup = async {
+        match &policy.attach {
+            Some(ns) => ns.lookup(&head.host, port).await,
+            None => tokio::net::lookup_host((head.host.as_str(), port))
+                .await
+                .map(Iterator::collect),
+        }
+    };
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(LOOKUP_DEADLINE, lookup)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
     {
-        Ok(a) => a.collect(),
+        Ok(a) => a,
         Err(e) => {
             let reason = format!("cannot resolve {}: {e}", head.host);
             report(log, event(true, Some(reason.clone()), 0, 0));
@@ -378,30 +582,46 @@ async fn handle(
         .filter(|a| !policy.forbids(*a) && (exact || !refused_address(a.ip())))
         .collect();
     if allowed.is_empty() {
-        tracing::info!(%sandbox, host = %head.host, port = head.port, "egress denied: address not allowed");
+        tracing::info!(%sandbox, host = %head.host, port, "egress denied: address not allowed");
         let reason = format!(
-            "{}:{} resolves to an address sandboxes may not reach",
-            head.host, head.port
+            "{}:{port} resolves to an address sandboxes may not reach",
+            head.host
         );
         report(log, event(false, Some(reason.clone()), 0, 0));
         return refuse(&mut conn, 403, &reason).await;
     }
-    let mut upstream =
-        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&allowed[..])).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let reason = format!("cannot connect to {}:{}: {e}", head.host, head.port);
+    let connect = async {
+        match &policy.attach {
+            Some(ns) => ns.connect(&allowed, CONNECT_DEADLINE).await,
+            None => TcpStream::connect(&allowed[..]).await,
+        }
+    };
+    let upstream = match tokio::time::timeout(CONNECT_DEADLINE, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = format!("cannot connect to {}:{port}: {e}", head.host);
+            report(log, event(true, Some(reason.clone()), 0, 0));
+            return refuse(&mut conn, 502, &reason).await;
+        }
+        Err(_) => {
+            let reason = format!("timed out connecting to {}:{port}", head.host);
+            report(log, event(true, Some(reason.clone()), 0, 0));
+            return refuse(&mut conn, 504, &reason).await;
+        }
+    };
+    tracing::info!(%sandbox, host = %head.host, port, "egress allowed");
+    let mut upstream: Box<dyn Upstream> = if tls {
+        match tls_connect(&head.host, upstream).await {
+            Ok(s) => Box::new(s),
+            Err(e) => {
+                let reason = format!("TLS to {}:{port} failed: {e}", head.host);
                 report(log, event(true, Some(reason.clone()), 0, 0));
                 return refuse(&mut conn, 502, &reason).await;
             }
-            Err(_) => {
-                let reason = format!("timed out connecting to {}:{}", head.host, head.port);
-                report(log, event(true, Some(reason.clone()), 0, 0));
-                return refuse(&mut conn, 504, &reason).await;
-            }
-        };
-    tracing::info!(%sandbox, host = %head.host, port = head.port, "egress allowed");
+        }
+    } else {
+        Box::new(upstream)
+    };
     if head.connect {
         conn.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             .await?;
@@ -421,6 +641,69 @@ async fn handle(
         Err(e) => report(log, event(true, Some(format!("ended: {e}")), early, 0)),
     }
     copied.map(drop)
+}
+
+/// An upstream connection, plain or TLS.
+trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
+
+/// The request head with `header` set to `format` (where `{value}` is the secret), replacing
+/// any value the sandbox sent; `None` if the head has no end.
+fn inject_header(head: &[u8], header: &str, format: &str, value: &str) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?;
+    let body_start = text.find("\r\n\r\n")?;
+    let mut out = String::with_capacity(head.len() + format.len() + value.len());
+    for (i, line) in text[..body_start].split("\r\n").enumerate() {
+        let named = line
+            .split_once(':')
+            .is_some_and(|(name, _)| name.trim().eq_ignore_ascii_case(header));
+        if i > 0 && named {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str(header);
+    out.push_str(": ");
+    out.push_str(&format.replace("{value}", value));
+    out.push_str("\r\n\r\n");
+    Some(out.into_bytes())
+}
+
+/// The client side of TLS that the proxy originates, trusting the host's CA store
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured).
+async fn tls_connect(
+    host: &str,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    use tokio_rustls::rustls;
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    let config = CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "no CA certificates found on this host (install ca-certificates)".into(),
+                );
+            }
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+            .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(std::io::Error::other)?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
 }
 
 async fn refuse(conn: &mut UnixStream, status: u16, reason: &str) -> std::io::Result<()> {
@@ -450,6 +733,7 @@ mod tests {
             &Egress {
                 policy: kind,
                 allow: allow.iter().map(|s| s.to_string()).collect(),
+                attach: None,
             },
             vec![],
         )
@@ -493,12 +777,14 @@ mod tests {
             let e = Egress {
                 policy: EgressPolicyKind::Allowlist,
                 allow: vec![bad.into()],
+                attach: None,
             };
             assert!(EgressPolicy::new(&e, vec![]).is_err(), "{bad:?}");
         }
         let e = Egress {
             policy: EgressPolicyKind::None,
             allow: vec!["x.org".into()],
+            attach: None,
         };
         assert!(EgressPolicy::new(&e, vec![]).is_err());
     }
@@ -564,6 +850,7 @@ mod tests {
         let e = Egress {
             policy: EgressPolicyKind::All,
             allow: vec![],
+            attach: None,
         };
         let p = EgressPolicy::new(&e, vec!["127.0.0.1:7070".parse().unwrap()]).unwrap();
         for a in [
@@ -577,6 +864,39 @@ mod tests {
         assert!(!p.forbids("127.0.0.1:7071".parse().unwrap()));
         let wild = EgressPolicy::new(&e, vec!["0.0.0.0:7070".parse().unwrap()]).unwrap();
         assert!(wild.forbids("192.168.1.10:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn secrets_are_injected_in_place_of_the_sandboxs_own() {
+        let head = b"GET /v1/models HTTP/1.1\r\nHost: api.example\r\nauthorization: Bearer fake\r\nAccept: */*\r\nConnection: close\r\n\r\n";
+        let out = inject_header(head, "Authorization", "Bearer {value}", "s3cret").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /v1/models HTTP/1.1\r\nHost: api.example\r\nAccept: */*\r\nConnection: close\r\nAuthorization: Bearer s3cret\r\n\r\n"
+        );
+        let p = policy(EgressPolicyKind::All, &[])
+            .with_injections(&[SecretInjection {
+                hosts: vec!["*.example.com".into(), "api.example:8080".into()],
+                header: "X-Api-Key".into(),
+                format: "{value}".into(),
+                secret: "a/b".into(),
+                tls: false,
+            }])
+            .unwrap();
+        assert!(p.injection("x.example.com", 80).is_some());
+        assert!(p.injection("API.example.", 8080).is_some());
+        assert!(p.injection("api.example", 80).is_none());
+        assert!(p.injection("example.com", 80).is_none());
+        let bad = SecretInjection {
+            hosts: vec!["a.org".into()],
+            header: "X Key".into(),
+            format: "{value}".into(),
+            secret: "a/b".into(),
+            tls: false,
+        };
+        assert!(policy(EgressPolicyKind::All, &[])
+            .with_injections(&[bad])
+            .is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod link;
 mod loopdev;
 mod manager;
 mod mounts;
+pub mod netns;
 mod oci;
 pub mod probe;
 mod reaper;

@@ -161,6 +161,19 @@ impl InitLink {
         .map_err(|_| LinkError::Timeout("POST /clock", HEALTH_TIMEOUT))?
     }
 
+    /// Replaces the sandbox's session token file.
+    pub async fn set_token(&self, token: &str) -> Result<(), LinkError> {
+        tokio::time::timeout(HEALTH_TIMEOUT, async {
+            let resp = self
+                .request(Method::PUT, "/token", full(token.to_owned()))
+                .await?;
+            read_capped(resp.into_body()).await?;
+            Ok(())
+        })
+        .await
+        .map_err(|_| LinkError::Timeout("PUT /token", HEALTH_TIMEOUT))?
+    }
+
     /// A files operation on `path` inside the sandbox; the answer (status, streamed body) is
     /// the caller's to relay.
     pub async fn files(

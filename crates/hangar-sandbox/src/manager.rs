@@ -50,8 +50,9 @@ pub struct Config {
     pub vm_kernel: Option<PathBuf>,
     /// The `vm` driver's accelerator, instead of probing for KVM.
     pub vm_accel: Option<Accel>,
-    /// Where the egress proxy reports each connection.
-    pub egress_log: Option<crate::egress::EgressLog>,
+    /// What every sandbox's egress proxy shares: where it reports each connection, where the
+    /// secrets it injects and Hangar's internal service come from.
+    pub egress: crate::egress::Shared,
 }
 
 impl Config {
@@ -113,6 +114,8 @@ struct Inner {
     probe: HostProbe,
     drivers: HashMap<DriverKind, Arc<dyn Driver>>,
     entries: StdMutex<HashMap<String, Arc<Entry>>>,
+    /// The network namespaces sandboxes' egress is attached to.
+    netns: crate::netns::Netns,
 }
 
 #[derive(Clone)]
@@ -181,6 +184,7 @@ impl Sandboxes {
             probe,
             drivers,
             entries: StdMutex::new(HashMap::new()),
+            netns: Default::default(),
         };
         let me = Sandboxes {
             inner: Arc::new(inner),
@@ -318,7 +322,17 @@ impl Sandboxes {
         self.driver(kind)?
             .check_resources(r)
             .map_err(SandboxError::Invalid)?;
-        EgressPolicy::new(&req.egress, vec![]).map_err(SandboxError::Invalid)?;
+        EgressPolicy::new(&req.egress, vec![])
+            .and_then(|p| p.with_injections(&req.inject))
+            .map_err(SandboxError::Invalid)?;
+        if let Some(name) = &req.egress.attach {
+            if req.egress.policy == hangar_proto::sandbox::EgressPolicyKind::None {
+                return Err(SandboxError::Invalid(
+                    "egress.attach needs a policy other than \"none\"".into(),
+                ));
+            }
+            self.inner.netns.get(name).map_err(SandboxError::Invalid)?;
+        }
         let path = PathBuf::from(&req.image);
         let images = self.inner.images.clone();
         let image = tokio::task::spawn_blocking(move || images.resolve(&path))
@@ -385,6 +399,8 @@ impl Sandboxes {
             image_id: image.id.clone(),
             layers: image.layers.clone(),
             image_config: image.config.clone(),
+            inject: req.inject.clone(),
+            token: req.token.clone(),
         };
         let layout = self.layout(&id);
         std::fs::create_dir_all(layout.run_dir())
@@ -428,8 +444,14 @@ impl Sandboxes {
 
     fn start_egress(&self, entry: &Entry, rec: &Record) -> Result<(), SandboxError> {
         let layout = self.layout(&rec.sandbox.id);
+        let attach = match &rec.sandbox.egress.attach {
+            Some(name) => Some(self.inner.netns.get(name).map_err(SandboxError::Invalid)?),
+            None => None,
+        };
         let policy = EgressPolicy::new(&rec.sandbox.egress, self.inner.cfg.forbidden.clone())
-            .map_err(SandboxError::Invalid)?;
+            .and_then(|p| p.with_injections(&rec.inject))
+            .map_err(SandboxError::Invalid)?
+            .attached(attach);
         let path = layout.egress_socket();
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)
@@ -438,7 +460,7 @@ impl Sandboxes {
             listener,
             Arc::new(policy),
             rec.sandbox.id.clone(),
-            self.inner.cfg.egress_log.clone(),
+            self.inner.cfg.egress.clone(),
         ));
         if let Some(old) = entry.egress.lock().unwrap().replace(task) {
             old.abort();
@@ -654,6 +676,13 @@ impl Sandboxes {
                 return Err(e);
             }
         };
+        // A restored memory holds the token of the suspend; the agent sees the current one
+        // before the sandbox counts as running.
+        if let (Resumed::Memory, Some(token)) = (&how, &rec.token) {
+            if let Err(e) = self.link(&rec).set_token(token).await {
+                tracing::warn!(sandbox = %id, error = %e, "cannot renew the session token after a restore");
+            }
+        }
         let (mode, note) = match how {
             Resumed::Memory => (CheckpointMode::Memory, None),
             Resumed::Filesystem { note } => (CheckpointMode::Filesystem, note),
@@ -668,6 +697,22 @@ impl Sandboxes {
         rec.sandbox.error = None;
         self.save(&rec)?;
         Ok(rec.sandbox.clone())
+    }
+
+    /// Sets a sandbox's session token: handed to `hangar-init` now if the sandbox runs, else
+    /// when it next starts or resumes.
+    pub async fn set_token(&self, id: &str, token: String) -> Result<(), SandboxError> {
+        let entry = self.entry(id)?;
+        let mut rec = entry.record.lock().await;
+        rec.token = Some(token);
+        match rec.sandbox.state {
+            SandboxState::Running => Ok(self
+                .link(&rec)
+                .set_token(rec.token.as_deref().unwrap_or_default())
+                .await?),
+            SandboxState::Deleted => Err(SandboxError::NotFound(id.to_owned())),
+            _ => Ok(()),
+        }
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), SandboxError> {
@@ -810,6 +855,7 @@ fn init_config(rec: &Record) -> InitConfig {
         vm: (rec.sandbox.driver == DriverKind::Vm).then_some(VmGuest {
             pids_max: rec.sandbox.resources.pids,
         }),
+        token: rec.token.clone(),
     }
 }
 

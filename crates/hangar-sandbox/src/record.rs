@@ -18,6 +18,13 @@ pub struct Record {
     pub image_id: String,
     pub layers: Vec<PathBuf>,
     pub image_config: ImageConfig,
+    /// Secrets the egress proxy adds to requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject: Vec<hangar_proto::sandbox::SecretInjection>,
+    /// The current session token: kept in memory only (it is short-lived and Hangar sends a
+    /// fresh one after a restart).
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 impl Record {

@@ -11,10 +11,12 @@
 mod audit;
 mod egress;
 mod keys;
+mod signing_keys;
 
 pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, GENESIS};
 pub use egress::EgressRecord;
 pub use keys::KeyRow;
+pub use signing_keys::SigningKeyRow;
 
 use std::path::Path;
 
@@ -306,7 +308,7 @@ impl Store {
     /// deletes the sessions' sandboxes first.
     pub async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        for table in ["refs", "threads", "secrets"] {
+        for table in ["refs", "threads", "secrets", "signing_keys"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE agent = ?"))
                 .bind(name)
                 .execute(&mut *tx)

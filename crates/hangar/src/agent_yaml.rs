@@ -604,9 +604,27 @@ const RESOURCES: &[Field] = &[
     opt("disk", Ty::Size),
     opt("pids", Ty::Count),
 ];
+const INJECT: &[Field] = &[
+    Field {
+        key: "secret",
+        ty: Ty::Str,
+        required: true,
+    },
+    Field {
+        key: "hosts",
+        ty: Ty::List(&STRING),
+        required: true,
+    },
+    opt("header", Ty::Str),
+    opt("format", Ty::Str),
+    opt("tls", Ty::Bool),
+];
+static INJECTION: Ty = Ty::Struct(INJECT);
 const NETWORK: &[Field] = &[
     opt("egress", Ty::Enum(EGRESS)),
     opt("allow", Ty::List(&STRING)),
+    opt("attach", Ty::Str),
+    opt("inject", Ty::List(&INJECTION)),
 ];
 const ACTIVITY: &[Field] = &[
     opt("app_id", Ty::Str),
@@ -997,6 +1015,7 @@ network: { egress: allowlist, allow: ["pypi.org", "*.githubusercontent.com"] }  
             network: Network {
                 egress: EgressPolicyKind::Allowlist,
                 allow: vec!["pypi.org".into(), "*.githubusercontent.com".into()],
+                ..Default::default()
             },
             channels: Default::default(),
         };
@@ -1449,6 +1468,18 @@ description: |
                 rootfs: Some("r".into()),
             },
             env: [("A".to_string(), "b".to_string())].into(),
+            network: Network {
+                egress: EgressPolicyKind::Allowlist,
+                allow: vec!["a.org".into()],
+                attach: Some("corp".into()),
+                inject: vec![hangar_proto::agent::Inject {
+                    secret: "key".into(),
+                    hosts: vec!["a.org".into()],
+                    header: "X-Key".into(),
+                    format: Some("{value}".into()),
+                    tls: false,
+                }],
+            },
             channels: hangar_proto::agent::Channels {
                 activity: Some(hangar_proto::agent::ActivityChannel {
                     app_id: "a".into(),
@@ -1474,8 +1505,12 @@ description: |
             ours.sort_unstable();
             assert_eq!(json_keys, ours, "keys of `{path}`");
             for f in fields {
-                if let Ty::Struct(inner) = f.ty {
-                    check(&map[f.key], inner, &join(path, f.key));
+                match f.ty {
+                    Ty::Struct(inner) => check(&map[f.key], inner, &join(path, f.key)),
+                    Ty::List(Ty::Struct(inner)) => {
+                        check(&map[f.key][0], inner, &format!("{}[0]", join(path, f.key)))
+                    }
+                    _ => {}
                 }
             }
         }

@@ -23,6 +23,15 @@ pub struct ServeArgs {
     /// The claim of an OIDC token that names the end user.
     #[arg(long, default_value = "sub")]
     oidc_user_claim: String,
+    /// The `iss` of the tokens Hangar issues to its agents (session and on-behalf-of
+    /// tokens), the URL where tools find `/.well-known/jwks.json`. Default: http:// and the
+    /// listening address.
+    #[arg(long, env = "HANGAR_ISSUER", value_name = "URL")]
+    issuer: Option<String>,
+    /// How long a session token lasts (at least 10s); sandboxes get a fresh one when a
+    /// third of it is left.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    session_token_ttl: std::time::Duration,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -122,7 +131,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
+    let issuer = match args.issuer {
+        Some(i) if i.starts_with("https://") || i.starts_with("http://") => i,
+        Some(i) => bail!("--issuer must be an http(s) URL, not {i:?}"),
+        None => format!("http://{local}"),
+    };
+    if args.session_token_ttl < std::time::Duration::from_secs(10) {
+        bail!("--session-token-ttl must be at least 10s");
+    }
+    let store = hangar_store::Store::open(&data_dir.join("hangar.db"))
+        .await
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    let secrets_key = hangar_agents::SecretKey::load_or_create(&data_dir.join("secrets.key"))
+        .map_err(|e| anyhow::anyhow!("the key for secrets: {e}"))?;
     let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(4096);
+    let egress = hangar_sandbox::egress::Shared {
+        log: Some(egress_tx),
+        secrets: Some(std::sync::Arc::new(hangar_agents::SecretVault::new(
+            store.clone(),
+            secrets_key.clone(),
+        ))),
+        internal: Default::default(),
+    };
     let sandboxes = hangar_sandbox::Sandboxes::open(hangar_sandbox::Config {
         data_dir: data_dir.clone(),
         init_binary: init,
@@ -134,23 +164,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         vm_kernel: args.vm_kernel,
         vm_accel: vm_accel(&args.vm_accel),
-        egress_log: Some(egress_tx),
+        egress: egress.clone(),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let store = hangar_store::Store::open(&data_dir.join("hangar.db"))
-        .await
-        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let images = hangar_build::Images::new(data_dir.clone(), store.clone());
     let agents = hangar_agents::Agents::open(
         store,
         sandboxes.clone(),
         hangar_agents::Config {
             max_running: args.max_running,
-            secrets_key: Some(
-                hangar_agents::SecretKey::load_or_create(&data_dir.join("secrets.key"))
-                    .map_err(|e| anyhow::anyhow!("the key for secrets: {e}"))?,
-            ),
+            secrets_key: Some(secrets_key),
+            identity: Some(hangar_agents::IdentityConfig {
+                session_ttl: args.session_token_ttl,
+                ..hangar_agents::IdentityConfig::new(issuer)
+            }),
             ..Default::default()
         },
     )
@@ -172,7 +200,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| anyhow::anyhow!("the admin key: {e}"))?;
     tokio::spawn(record_egress(egress_rx, agents.clone(), audit.clone()));
-    let app = hangar_api::router(hangar_api::AppState {
+    let state = hangar_api::AppState {
         sandboxes,
         images,
         agents,
@@ -184,7 +212,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ),
         channels: Default::default(),
         max_upload: args.max_upload_mib * 1024 * 1024,
-    });
+    };
+    // Sandboxes reach Hangar's identity endpoints at http://hangar.internal via their proxy.
+    let _ = egress
+        .internal
+        .set(hangar_api::internal_service(state.clone()));
+    let app = hangar_api::router(state);
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");
     // Stopping the server leaves sandboxes running; the next `hangar serve` adopts them.
     // Small answers written in more than one segment would otherwise wait for the client's
