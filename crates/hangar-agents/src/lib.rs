@@ -66,6 +66,15 @@ impl Default for Config {
 struct VersionInfo {
     spec: AgentSpec,
     layout: String,
+    /// The detectors on its answers, if it has guardrails.
+    guard: Option<Arc<OutputGuard>>,
+}
+
+/// An agent version's data-loss detectors on its answers, and what a hit does.
+#[derive(Debug)]
+pub struct OutputGuard {
+    pub scanner: hangar_dlp::Scanner,
+    pub action: hangar_proto::agent::OutputAction,
 }
 
 struct Live {
@@ -120,6 +129,8 @@ pub struct Agents {
 pub struct Lease {
     live: Arc<Live>,
     pub session_id: String,
+    pub agent: String,
+    pub version: i64,
     /// The host side of the session's `agent.sock`.
     pub socket: PathBuf,
 }
@@ -201,6 +212,17 @@ impl Agents {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The detectors on the answers of the version a lease's session runs, if it has any.
+    pub async fn output_guard(&self, lease: &Lease) -> Option<Arc<OutputGuard>> {
+        match self.version_info(&lease.agent, lease.version).await {
+            Ok(info) => info.guard.clone(),
+            Err(e) => {
+                tracing::warn!(agent = %lease.agent, version = lease.version, error = %e, "cannot read a version's guardrails");
+                None
+            }
+        }
     }
 
     /// Hangar as its agents' token issuer, if configured.
@@ -424,9 +446,11 @@ impl Agents {
             .image(&row.image_id)
             .await?
             .ok_or_else(|| AgentsError::NotFound(format!("image {} is gone", row.image_id)))?;
+        let guard = output_guard(&spec).map_err(AgentsError::Invalid)?;
         let info = Arc::new(VersionInfo {
             spec,
             layout: image.layout,
+            guard,
         });
         self.inner
             .versions
@@ -440,6 +464,7 @@ impl Agents {
 
     pub async fn deploy(&self, name: &str, req: DeployRequest) -> Result<Version, AgentsError> {
         req.spec.validate().map_err(AgentsError::Invalid)?;
+        output_guard(&req.spec).map_err(AgentsError::Invalid)?;
         if req.spec.name != name {
             return Err(AgentsError::Invalid(format!(
                 "the spec names agent {:?}, but it is being deployed as {name:?}",
@@ -720,6 +745,12 @@ impl Agents {
                         })
                         .collect(),
                     token,
+                    dlp: (!spec.guardrails.is_empty()
+                        && spec.guardrails.egress == hangar_proto::agent::EgressAction::Block)
+                        .then(|| hangar_proto::sandbox::EgressDlp {
+                            detectors: spec.guardrails.detectors.clone(),
+                            patterns: spec.guardrails.patterns.clone(),
+                        }),
                 })
                 .await?;
             let started = async {
@@ -781,6 +812,8 @@ impl Agents {
         Lease {
             socket: self.inner.sandboxes.agent_socket(sandbox),
             session_id: live.id.clone(),
+            agent: live.agent.clone(),
+            version: live.version,
             live: live.clone(),
         }
     }
@@ -1590,6 +1623,20 @@ fn version_view(row: VersionRow) -> Result<Version, AgentsError> {
         created_at: row.created_at,
         unchanged: false,
     })
+}
+
+/// The detectors of a spec's guardrails, built; `None` without guardrails.
+fn output_guard(spec: &AgentSpec) -> Result<Option<Arc<OutputGuard>>, String> {
+    let g = &spec.guardrails;
+    if g.is_empty() {
+        return Ok(None);
+    }
+    let scanner = hangar_dlp::Scanner::from_config(&g.detectors, &g.patterns)
+        .map_err(|e| format!("guardrails: {e}"))?;
+    Ok(Some(Arc::new(OutputGuard {
+        scanner,
+        action: g.output,
+    })))
 }
 
 /// Why a token exchange was refused, as RFC 6749's error codes.

@@ -95,13 +95,14 @@ pub async fn responses(
         },
     };
     let (lease, _created) = st.agents.route(&name, &user, &route).await?;
+    let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
     let capture = Capture {
         agents: st.agents.clone(),
         agent: name,
         isolation_key: user,
         session: lease.session_id.clone(),
     };
-    forward(
+    let resp = forward(
         &st.pool,
         lease,
         parts.method,
@@ -111,7 +112,27 @@ pub async fn responses(
         Outbound::Buffered(body),
         Some(capture),
     )
-    .await
+    .await?;
+    Ok(crate::guard::answer(&st, guard, whose, resp).await)
+}
+
+/// The guardrails on the answers of `lease`'s session, and whose answer it is.
+async fn guarded(
+    st: &AppState,
+    lease: &Lease,
+    headers: &HeaderMap,
+) -> (Option<Arc<hangar_agents::OutputGuard>>, crate::guard::Whose) {
+    (
+        st.agents.output_guard(lease).await,
+        crate::guard::Whose {
+            agent: lease.agent.clone(),
+            session: lease.session_id.clone(),
+            request_id: headers
+                .get(crate::REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        },
+    )
 }
 
 /// `GET|DELETE /agents/{name}/responses/{id}`, `POST …/{id}/cancel`, `GET …/{id}/input_items`:
@@ -131,8 +152,9 @@ pub async fn response_op(
     };
     let body = read_limited(body).await?;
     let lease = st.agents.route_response(&name, &user, &id).await?;
+    let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
     let path = format!("/responses/{}{suffix}", percent_encode_segment(&id));
-    forward(
+    let resp = forward(
         &st.pool,
         lease,
         parts.method,
@@ -142,7 +164,8 @@ pub async fn response_op(
         Outbound::Buffered(body),
         None,
     )
-    .await
+    .await?;
+    Ok(crate::guard::answer(&st, guard, whose, resp).await)
 }
 
 fn percent_encode_segment(s: &str) -> String {
@@ -195,7 +218,8 @@ pub async fn invocations(
         upgrade(lease, &mut req, &path).await?
     } else {
         let (parts, body) = req.into_parts();
-        forward(
+        let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
+        let resp = forward(
             &st.pool,
             lease,
             parts.method,
@@ -205,7 +229,8 @@ pub async fn invocations(
             Outbound::Streamed(body),
             None,
         )
-        .await?
+        .await?;
+        crate::guard::answer(&st, guard, whose, resp).await
     };
     resp.headers_mut()
         .insert(HeaderName::from_static(INVOCATION_HEADER), invocation);

@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod dataplane;
 mod error;
+mod guard;
 mod identity;
 mod idp;
 mod images;

@@ -233,6 +233,29 @@ impl Scanner {
         })
     }
 
+    /// Built-ins by name and custom patterns by name, as `agent.yaml`'s `guardrails` lists
+    /// them; the error names the bad one.
+    pub fn from_config(
+        builtins: &[String],
+        patterns: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Scanner, String> {
+        let mut specs = Vec::with_capacity(builtins.len() + patterns.len());
+        for name in builtins {
+            let b: Builtin = name.parse().map_err(|e: UnknownBuiltin| e.to_string())?;
+            specs.push(DetectorSpec::builtin(b));
+        }
+        for (name, pattern) in patterns {
+            specs.push(DetectorSpec::regex(name, pattern));
+        }
+        Scanner::new(&specs).map_err(|e| {
+            let mut s = e.to_string();
+            if let Some(src) = std::error::Error::source(&e) {
+                s.push_str(&format!(": {src}"));
+            }
+            s
+        })
+    }
+
     /// Every hit in `text`, sorted and non-overlapping.
     pub fn find(&self, text: &str) -> Vec<Hit> {
         self.hits(text.as_bytes(), 0, true)

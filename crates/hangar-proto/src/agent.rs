@@ -48,6 +48,52 @@ pub struct AgentSpec {
     /// How users reach the agent over protocols it does not implement itself.
     #[serde(default, skip_serializing_if = "Channels::is_empty")]
     pub channels: Channels,
+    /// Data-loss detectors on the agent's answers and its sandboxes' egress.
+    #[serde(default, skip_serializing_if = "Guardrails::is_empty")]
+    pub guardrails: Guardrails,
+}
+
+/// `guardrails:` in agent.yaml: detectors (built-ins by name, custom regular expressions by
+/// name) and what a hit does to an answer and to an egress request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Guardrails {
+    /// Built-in detectors: `card_number`, `private_key`, `cloud_key`, `email`.
+    pub detectors: Vec<String>,
+    /// Custom detectors: name → regular expression.
+    pub patterns: BTreeMap<String, String>,
+    /// What a hit in the agent's answer does.
+    pub output: OutputAction,
+    /// What a hit in the body of a plain-HTTP egress request does.
+    pub egress: EgressAction,
+}
+
+impl Guardrails {
+    pub fn is_empty(&self) -> bool {
+        self.detectors.is_empty() && self.patterns.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputAction {
+    /// Each hit is replaced by `[REDACTED:<detector>]`.
+    #[default]
+    Redact,
+    /// An answer with a hit is withheld: the caller gets an error instead.
+    Block,
+    /// Hits are only audited.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressAction {
+    /// A request whose body has a hit is refused (403).
+    #[default]
+    Block,
+    /// Egress bodies are not inspected.
+    Off,
 }
 
 fn default_protocols() -> Vec<Protocol> {

@@ -95,6 +95,15 @@ pub struct Egress {
     pub attach: Option<String>,
 }
 
+/// Data-loss detectors the egress proxy runs on plain-HTTP request bodies; a hit refuses the
+/// request. Set by Hangar's agents layer from `agent.yaml`'s `guardrails`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EgressDlp {
+    pub detectors: Vec<String>,
+    pub patterns: BTreeMap<String, String>,
+}
+
 /// A secret the egress proxy adds to plain-HTTP requests to some hosts, so that the sandbox
 /// never holds it. Set by Hangar's agents layer from `agent.yaml`, never through the sandbox
 /// API (whose callers may not read agents' secrets).
@@ -136,6 +145,9 @@ pub struct CreateSandbox {
     /// The first session token (in-process callers only; see `init::TOKEN_FILE`).
     #[serde(skip)]
     pub token: Option<String>,
+    /// Detectors for egress request bodies (in-process callers only).
+    #[serde(skip)]
+    pub dlp: Option<EgressDlp>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

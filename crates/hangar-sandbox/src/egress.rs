@@ -126,6 +126,8 @@ pub struct EgressPolicy {
     injections: Vec<(Vec<Rule>, SecretInjection)>,
     /// The network namespace connections are made from (`network.attach`), if not the host's.
     attach: Option<crate::netns::NetnsConnector>,
+    /// Detectors run on plain-HTTP request bodies; a hit refuses the request.
+    dlp: Option<hangar_dlp::Scanner>,
 }
 
 impl EgressPolicy {
@@ -145,7 +147,22 @@ impl EgressPolicy {
             forbidden,
             injections: Vec::new(),
             attach: None,
+            dlp: None,
         })
+    }
+
+    /// Adds the detectors for request bodies; the error names a bad detector.
+    pub fn with_dlp(
+        mut self,
+        dlp: Option<&hangar_proto::sandbox::EgressDlp>,
+    ) -> Result<EgressPolicy, String> {
+        if let Some(d) = dlp {
+            self.dlp = Some(
+                hangar_dlp::Scanner::from_config(&d.detectors, &d.patterns)
+                    .map_err(|e| format!("guardrails: {e}"))?,
+            );
+        }
+        Ok(self)
     }
 
     /// Makes the connections from inside this namespace instead of the host's network.
@@ -298,6 +315,8 @@ pub struct EgressEvent {
     /// Bytes from the sandbox to the destination, and back.
     pub bytes_out: u64,
     pub bytes_in: u64,
+    /// The data-loss detectors the request's body set off (it was refused).
+    pub dlp: Vec<String>,
 }
 
 /// Where the proxy reports its connections; never blocks a connection (a full queue drops
@@ -515,6 +534,7 @@ async fn handle(
             reason,
             bytes_out,
             bytes_in,
+            dlp: Vec::new(),
         };
     if head.connect && injection.is_some() {
         let reason = format!(
@@ -566,6 +586,38 @@ async fn handle(
                 .map(Iterator::collect),
         }
     };
+    if let (Some(scanner), false) = (&policy.dlp, head.connect) {
+        match read_body(&mut conn, &mut buf, head_len, &mut head.forward, deadline).await {
+            Ok(()) => {}
+            Err(BodyError::Io(e)) => return Err(e),
+            Err(BodyError::TooLarge) => {
+                let reason = format!(
+                    "the request body is larger than the {} MiB the data-loss guardrails inspect",
+                    MAX_DLP_BODY >> 20
+                );
+                report(log, event(false, Some(reason.clone()), 0, 0));
+                return refuse(&mut conn, 413, &reason).await;
+            }
+        }
+        let mut names: Vec<String> = scanner
+            .scan_bytes(&buf[head_len..])
+            .into_iter()
+            .map(|h| h.detector)
+            .collect();
+        names.sort();
+        names.dedup();
+        if !names.is_empty() {
+            let reason = format!(
+                "blocked by the data-loss guardrails: the request body contains {}",
+                names.join(", ")
+            );
+            tracing::info!(%sandbox, host = %head.host, port, detectors = ?names, "egress blocked by guardrails");
+            let mut e = event(false, Some(reason.clone()), 0, 0);
+            e.dlp = names;
+            report(log, e);
+            return refuse(&mut conn, 403, &reason).await;
+        }
+    }
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(LOOKUP_DEADLINE, lookup)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
@@ -643,6 +695,82 @@ async fn handle(
     copied.map(drop)
 }
 
+/// The largest request body the data-loss guardrails inspect; a larger one is refused.
+const MAX_DLP_BODY: usize = 4 << 20;
+
+enum BodyError {
+    Io(std::io::Error),
+    TooLarge,
+}
+
+/// Reads a plain-HTTP request's whole body into `buf` (after the head at `..head_len`), by its
+/// `Content-Length` or to the end of its chunked encoding, so that it can be inspected before
+/// anything leaves. A client waiting on `Expect: 100-continue` is told to go on here, and the
+/// expectation is dropped from the head sent upstream.
+async fn read_body(
+    conn: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    head_len: usize,
+    forward: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+) -> Result<(), BodyError> {
+    let text = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
+    let header = |name: &str| {
+        text.split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let length: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
+    let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+    if length.is_none() && !chunked {
+        return Ok(());
+    }
+    if length.is_some_and(|n| n > MAX_DLP_BODY) {
+        return Err(BodyError::TooLarge);
+    }
+    if header("expect").is_some_and(|v| v == "100-continue") {
+        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(BodyError::Io)?;
+        *forward = without_header(forward, "expect");
+    }
+    let done = |buf: &[u8]| match length {
+        Some(n) => buf.len() - head_len >= n,
+        None => buf[head_len..].ends_with(b"0\r\n\r\n"),
+    };
+    while !done(buf) {
+        if buf.len() - head_len > MAX_DLP_BODY {
+            return Err(BodyError::TooLarge);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
+            .await
+            .map_err(|e| BodyError::Io(std::io::Error::other(e)))?
+            .map_err(BodyError::Io)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
+}
+
+/// A request head without the lines of header `name` (lower case).
+fn without_header(head: &[u8], name: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive("\r\n") {
+        let named = line
+            .split_once(':')
+            .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name));
+        if !named {
+            out.push_str(line);
+        }
+    }
+    out.into_bytes()
+}
+
 /// An upstream connection, plain or TLS.
 trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
@@ -710,6 +838,7 @@ async fn refuse(conn: &mut UnixStream, status: u16, reason: &str) -> std::io::Re
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",

@@ -324,6 +324,7 @@ impl Sandboxes {
             .map_err(SandboxError::Invalid)?;
         EgressPolicy::new(&req.egress, vec![])
             .and_then(|p| p.with_injections(&req.inject))
+            .and_then(|p| p.with_dlp(req.dlp.as_ref()))
             .map_err(SandboxError::Invalid)?;
         if let Some(name) = &req.egress.attach {
             if req.egress.policy == hangar_proto::sandbox::EgressPolicyKind::None {
@@ -401,6 +402,7 @@ impl Sandboxes {
             image_config: image.config.clone(),
             inject: req.inject.clone(),
             token: req.token.clone(),
+            dlp: req.dlp.clone(),
         };
         let layout = self.layout(&id);
         std::fs::create_dir_all(layout.run_dir())
@@ -450,6 +452,7 @@ impl Sandboxes {
         };
         let policy = EgressPolicy::new(&rec.sandbox.egress, self.inner.cfg.forbidden.clone())
             .and_then(|p| p.with_injections(&rec.inject))
+            .and_then(|p| p.with_dlp(rec.dlp.as_ref()))
             .map_err(SandboxError::Invalid)?
             .attached(attach);
         let path = layout.egress_socket();

@@ -21,6 +21,9 @@ pub struct Record {
     /// Secrets the egress proxy adds to requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inject: Vec<hangar_proto::sandbox::SecretInjection>,
+    /// Detectors for egress request bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dlp: Option<hangar_proto::sandbox::EgressDlp>,
     /// The current session token: kept in memory only (it is short-lived and Hangar sends a
     /// fresh one after a restart).
     #[serde(skip)]

@@ -637,6 +637,16 @@ const ACTIVITY: &[Field] = &[
     opt("anonymous", Ty::Bool),
 ];
 const CHANNELS: &[Field] = &[opt("activity", Ty::Struct(ACTIVITY))];
+const OUTPUT_ACTIONS: &[&str] = &["redact", "block", "off"];
+const EGRESS_ACTIONS: &[&str] = &["block", "off"];
+const BUILTINS: &[&str] = &["card_number", "private_key", "cloud_key", "email"];
+static BUILTIN: Ty = Ty::Enum(BUILTINS);
+const GUARDRAILS: &[Field] = &[
+    opt("detectors", Ty::List(&BUILTIN)),
+    opt("patterns", Ty::StrMap),
+    opt("output", Ty::Enum(OUTPUT_ACTIONS)),
+    opt("egress", Ty::Enum(EGRESS_ACTIONS)),
+];
 /// The top level of agent.yaml: the fields of [`AgentSpec`].
 const TOP: &[Field] = &[
     Field {
@@ -660,6 +670,7 @@ const TOP: &[Field] = &[
     opt("env", Ty::StrMap),
     opt("network", Ty::Struct(NETWORK)),
     opt("channels", Ty::Struct(CHANNELS)),
+    opt("guardrails", Ty::Struct(GUARDRAILS)),
 ];
 
 /// Every struct of the schema with its key path: `("", TOP)`, `("build", BUILD)`, ...
@@ -1018,6 +1029,7 @@ network: { egress: allowlist, allow: ["pypi.org", "*.githubusercontent.com"] }  
                 ..Default::default()
             },
             channels: Default::default(),
+            guardrails: Default::default(),
         };
         assert_eq!(spec, expected);
     }
@@ -1164,7 +1176,7 @@ description: |
             &format!("{MINIMAL}replicas: 3\n"),
             3,
             1,
-            &["unknown key `replicas`; expected one of name, description, build, protocols, isolation, resources, idle_timeout, session_retention, startup_timeout, port, env, network, channels"],
+            &["unknown key `replicas`; expected one of name, description, build, protocols, isolation, resources, idle_timeout, session_retention, startup_timeout, port, env, network, channels, guardrails"],
         );
         assert_err(
             &format!("{MINIMAL}<<: {{ port: 1 }}\n"),
@@ -1480,6 +1492,12 @@ description: |
                     tls: false,
                 }],
             },
+            guardrails: hangar_proto::agent::Guardrails {
+                detectors: vec!["email".into()],
+                patterns: [("t".to_string(), "T-[0-9]+".to_string())].into(),
+                output: hangar_proto::agent::OutputAction::Block,
+                egress: hangar_proto::agent::EgressAction::Off,
+            },
             channels: hangar_proto::agent::Channels {
                 activity: Some(hangar_proto::agent::ActivityChannel {
                     app_id: "a".into(),
@@ -1527,6 +1545,8 @@ description: |
         enum_values::<Protocol>(PROTOCOLS);
         enum_values::<DriverKind>(ISOLATIONS);
         enum_values::<EgressPolicyKind>(EGRESS);
+        enum_values::<hangar_proto::agent::OutputAction>(OUTPUT_ACTIONS);
+        enum_values::<hangar_proto::agent::EgressAction>(EGRESS_ACTIONS);
     }
 
     #[test]

@@ -251,6 +251,21 @@ async fn record_egress(
 ) {
     while let Some(e) = events.recv().await {
         let (agent, session) = agents.session_of_sandbox(&e.sandbox).unzip();
+        if !e.dlp.is_empty() {
+            audit
+                .record(hangar_store::AuditEntry {
+                    actor: format!("sandbox:{}", e.sandbox),
+                    action: "dlp.hit".into(),
+                    agent: agent.clone(),
+                    session: session.clone(),
+                    request_id: None,
+                    detail: serde_json::json!({
+                        "where": "egress", "host": e.host, "port": e.port,
+                        "detectors": e.dlp, "action": "block",
+                    }),
+                })
+                .await;
+        }
         let record = hangar_store::EgressRecord {
             seq: 0,
             at: hangar_agents::now_rfc3339(),

@@ -9,7 +9,7 @@
 
 pub(crate) mod activity;
 pub(crate) mod agui;
-mod sse;
+pub(crate) mod sse;
 mod turn;
 
 use std::collections::VecDeque;
@@ -168,6 +168,12 @@ pub(crate) async fn call(
         HeaderValue::from_static("text/event-stream"),
     );
     let bytes = serde_json::to_vec(request).expect("a JSON value serialises");
+    let guard = st.agents.output_guard(&lease).await;
+    let whose = crate::guard::Whose {
+        agent: agent.to_owned(),
+        session: lease.session_id.clone(),
+        request_id: None,
+    };
     let resp = forward(
         &st.pool,
         lease,
@@ -179,6 +185,7 @@ pub(crate) async fn call(
         Some(capture),
     )
     .await?;
+    let resp = crate::guard::answer(st, guard, whose, resp).await;
     let status = resp.status();
     let sse = resp
         .headers()

@@ -8,7 +8,9 @@
 //!   get none for another user (another session's token, a forged one, an unsigned one);
 //! - a secret bound to a host reaches that host in a header through the egress proxy, and is
 //!   nowhere in the sandbox;
-//! - `network.attach` sends egress out through a network namespace the operator named.
+//! - `network.attach` sends egress out through a network namespace the operator named;
+//! - guardrails redact or withhold answers that carry card numbers, e-mail addresses or custom
+//!   patterns, and refuse egress requests whose bodies do, each hit audited.
 
 mod common;
 
@@ -55,6 +57,24 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// A namespace reached from the host over a veth pair (`10.213.{n}.0/30`, its end `.2`,
+/// which is returned); the pair goes with the namespace.
+fn routed_netns(tag: &str, n: u32) -> (Netns, String) {
+    let ns = Netns::new(tag);
+    let (host_if, ns_if) = (format!("hgh{tag}{n}"), format!("hgn{tag}{n}"));
+    let _ = Command::new("ip")
+        .args(["link", "del", &host_if])
+        .stderr(Stdio::null())
+        .status();
+    run(&format!(
+        "ip link add {host_if} type veth peer name {ns_if} && ip link set {ns_if} netns {ns} && \
+         ip addr add 10.213.{n}.1/30 dev {host_if} && ip link set {host_if} up && \
+         ip -n {ns} addr add 10.213.{n}.2/30 dev {ns_if} && ip -n {ns} link set {ns_if} up",
+        ns = ns.name
+    ));
+    (ns, format!("10.213.{n}.2"))
 }
 
 /// A process killed when dropped.
@@ -212,20 +232,8 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
 
     // The outside: a service behind a veth pair in a namespace of its own (the host routes
     // to it), and an operator's namespace that the host has no route into.
-    let outside = Netns::new("out");
-    let n = 1 + std::process::id() % 200;
-    let (host_if, ns_if) = (format!("hgh{n}"), format!("hgn{n}"));
-    let _ = Command::new("ip")
-        .args(["link", "del", &host_if])
-        .stderr(Stdio::null())
-        .status();
-    run(&format!(
-        "ip link add {host_if} type veth peer name {ns_if} && ip link set {ns_if} netns {ns} && \
-         ip addr add 10.213.{n}.1/30 dev {host_if} && ip link set {host_if} up && \
-         ip -n {ns} addr add 10.213.{n}.2/30 dev {ns_if} && ip -n {ns} link set {ns_if} up",
-        ns = outside.name
-    ));
-    let service = format!("10.213.{n}.2");
+    let n = 1 + std::process::id() % 120;
+    let (outside, service) = routed_netns("out", n);
     let (_svc, svc_log) = recording_server(&outside, &service, 8080, "hello from the service");
     let corp = Netns::new("corp");
     run(&format!(
@@ -479,4 +487,178 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
         .iter()
         .any(|e| e["host"] == corp_addr.as_str() && e["allowed"] == true);
     assert!(attached, "{egress}");
+}
+
+/// Answers with a card number, an e-mail address or a ticket id are redacted (whole JSON,
+/// streams, invocations) or withheld, egress bodies with them are refused before they leave,
+/// and every hit is in the audit trail.
+#[test]
+fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
+    require("runsc", "runsc");
+    require("ip", "iproute2");
+    let n = 121 + std::process::id() % 120;
+    let (outside, service) = routed_netns("dlp", n);
+    let (_svc, svc_log) = recording_server(&outside, &service, 8080, "stored");
+
+    let server = Server::start();
+    debian_base(&server, &BASE_PACKAGES);
+    let yaml = |output: &str| {
+        format!(
+            "name: probe\nbuild: {{ dockerfile: Dockerfile }}\nisolation: gvisor\n\
+             resources: {{ cpus: 1, memory: 256Mi, disk: 64Mi }}\nstartup_timeout: 60s\n\
+             network: {{ egress: allowlist, allow: [\"{service}:8080\"] }}\n\
+             guardrails:\n  detectors: [card_number, email]\n  patterns: {{ ticket: \"TKT-[0-9]{{6}}\" }}\n  output: {output}\n"
+        )
+    };
+    let dir = agent_dir("probe", &yaml("redact"));
+    deploy(&server, dir.path(), &[]);
+    let leaky = "pay 4111 1111 1111 1111, mail bob@example.com about TKT-123456";
+    let marks = [
+        "[REDACTED:card_number]",
+        "[REDACTED:email]",
+        "[REDACTED:ticket]",
+    ];
+
+    // A whole answer: still JSON, every hit redacted.
+    let r = respond(&server, "probe", "alice", &json!({"input": leaky}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let alice = r.header("x-agent-session-id").unwrap().to_owned();
+    let text = r.json()["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for m in marks {
+        assert!(text.contains(m), "{m} missing from {text}");
+    }
+    for secret in ["4111", "bob@example.com", "TKT-123456"] {
+        assert!(!r.text().contains(secret), "{secret} leaked: {}", r.text());
+    }
+
+    // A stream: the same, in the agent's order, closed with [DONE].
+    let r = respond(
+        &server,
+        "probe",
+        "alice",
+        &json!({"input": leaky, "stream": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.text();
+    assert!(
+        !body.contains("4111") && !body.contains("bob@example.com"),
+        "{body}"
+    );
+    let mut deltas = String::new();
+    let mut seqs = vec![];
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        seqs.push(v["sequence_number"].as_u64().unwrap());
+        if let Some(d) = v["delta"].as_str() {
+            deltas.push_str(d);
+        }
+    }
+    assert_eq!(seqs, [0, 1, 2, 3], "{body}");
+    for m in marks {
+        assert!(deltas.contains(m), "{m} missing from the deltas {deltas}");
+    }
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+
+    // Invocations (any body) too.
+    let r = common::agents::http(
+        &server,
+        "POST",
+        "/agents/probe/invocations",
+        &[("x-agent-user-id", "alice")],
+        Some(format!("note: {leaky}").as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["echo"]
+        .as_str()
+        .unwrap()
+        .contains("[REDACTED:card_number]"));
+    assert!(!r.text().contains("4111"), "{}", r.text());
+
+    // Egress: a body with a hit never leaves; a clean one does.
+    let post = |body: &str| {
+        py(
+            &server,
+            &alice,
+            &format!(
+                "import urllib.request, urllib.error\nreq = urllib.request.Request('http://{service}:8080/upload', data={body:?}.encode())\ntry:\n    print(urllib.request.urlopen(req, timeout=20).status)\nexcept urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())"
+            ),
+        )
+        .1
+    };
+    let refused = post("card=4111-1111-1111-1111");
+    assert!(refused.starts_with("403"), "{refused}");
+    assert!(refused.contains("card_number"), "{refused}");
+    assert!(
+        recorded(&svc_log).is_empty(),
+        "the body reached the service"
+    );
+    assert_eq!(post("nothing to see").trim(), "200");
+    let got = recorded(&svc_log);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["body"], "nothing to see");
+
+    // Every hit is audited, with where it was and what was found (never the value).
+    let out = cli(&server, &["audit", "ls", "--json", "--session", &alice]);
+    let trail: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hits: Vec<&Value> = trail["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "dlp.hit")
+        .collect();
+    assert!(
+        hits.iter().any(|h| h["detail"]["where"] == "output"),
+        "{trail}"
+    );
+    assert!(
+        hits.iter().any(|h| h["detail"]["where"] == "egress"
+            && h["detail"]["detectors"] == json!(["card_number"])),
+        "{trail}"
+    );
+    assert!(
+        !trail.to_string().contains("4111"),
+        "a value is in the trail"
+    );
+
+    // `output: block` withholds the answer instead.
+    let dir = agent_dir("probe", &yaml("block"));
+    deploy(&server, dir.path(), &[]);
+    let r = server.call(
+        "PUT",
+        "/v1/agents/probe/traffic",
+        Some(&json!({"weights": {"1": 0, "2": 100}})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = respond(&server, "probe", "bob", &json!({"input": leaky}));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "output_blocked");
+    assert!(!r.text().contains("4111"));
+    let r = respond(
+        &server,
+        "probe",
+        "bob",
+        &json!({"input": leaky, "stream": true}),
+    );
+    let body = r.text();
+    assert!(body.contains("output_blocked"), "{body}");
+    assert!(
+        !body.contains("4111") && !body.contains("bob@example.com"),
+        "{body}"
+    );
+    let r = respond(&server, "probe", "bob", &json!({"input": "all clean"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A bad detector is refused at deploy, naming it.
+    let bad = yaml("redact").replace("TKT-[0-9]{6}", "TKT-[0-9");
+    let dir = agent_dir("probe", &bad);
+    let out = cli(&server, &["deploy", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ticket"), "{err}");
 }
