@@ -52,6 +52,10 @@ impl IdentityConfig {
 /// other.
 pub const SESSION_TOKEN: &str = "session";
 pub const OBO_TOKEN: &str = "obo";
+/// The JOSE `typ` of each: an on-behalf-of token is an OAuth access token (RFC 9068), a
+/// session token is not, so a verifier that checks `typ` cannot take one for the other.
+pub const SESSION_TYP: &str = "hangar-session+jwt";
+pub const OBO_TYP: &str = "at+jwt";
 /// The longest an on-behalf-of token lives, and its default.
 pub const OBO_TTL_MAX: Duration = Duration::from_secs(60 * 60);
 pub const OBO_TTL_DEFAULT: Duration = Duration::from_secs(5 * 60);
@@ -296,9 +300,15 @@ impl Identity {
         })
     }
 
-    fn sign<T: Serialize>(&self, key: &AgentKey, claims: &T) -> Result<String, AgentsError> {
+    fn sign<T: Serialize>(
+        &self,
+        key: &AgentKey,
+        typ: &str,
+        claims: &T,
+    ) -> Result<String, AgentsError> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.kid.clone());
+        header.typ = Some(typ.to_owned());
         jsonwebtoken::encode(&header, claims, &key.encoding)
             .map_err(|e| AgentsError::Internal(format!("signing a token: {e}")))
     }
@@ -328,7 +338,7 @@ impl Identity {
             session_id: session.to_owned(),
             isolation_key: isolation_key.to_owned(),
         };
-        Ok((self.sign(&key, &claims)?, exp))
+        Ok((self.sign(&key, SESSION_TYP, &claims)?, exp))
     }
 
     /// Checks a session token: signed by its agent's key, issued here for here, in date, and
@@ -337,6 +347,9 @@ impl Identity {
         let header = jsonwebtoken::decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
         if header.alg != Algorithm::ES256 {
             return Err(format!("alg {:?} is not ES256", header.alg));
+        }
+        if header.typ.as_deref() != Some(SESSION_TYP) {
+            return Err("not a session token (typ)".into());
         }
         let kid = header.kid.ok_or("the token names no key (kid)")?;
         let key = self
@@ -391,6 +404,6 @@ impl Identity {
             agent_version: session.agent_version,
             scope: scope.map(str::to_owned),
         };
-        self.sign(&key, &claims)
+        self.sign(&key, OBO_TYP, &claims)
     }
 }

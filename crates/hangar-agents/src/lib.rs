@@ -264,10 +264,18 @@ impl Agents {
             let sandbox = live.sandbox.lock().unwrap().clone();
             let result = async {
                 let sandbox = sandbox.ok_or_else(|| no_session(&live.id))?;
-                let previous = *live.token_expires.lock().unwrap();
                 let token = me.mint_token(&live).await?.unwrap_or_default();
                 if let Err(e) = me.inner.sandboxes.set_token(&sandbox, token).await {
-                    *live.token_expires.lock().unwrap() = previous;
+                    // Due again after TOKEN_RETRY rather than at every tick: a sandbox that
+                    // does not answer is not asked twice a second.
+                    let ttl = me
+                        .inner
+                        .identity
+                        .as_ref()
+                        .map(|i| i.session_ttl())
+                        .unwrap_or_default();
+                    *live.token_expires.lock().unwrap() =
+                        Some(SystemTime::now() + ttl / 3 + TOKEN_RETRY);
                     return Err(e.into());
                 }
                 Ok::<_, AgentsError>(())
@@ -304,6 +312,19 @@ impl Agents {
         {
             return Err(ExchangeError::Target(
                 "audience must be 1 to 512 characters without spaces".into(),
+            ));
+        }
+        // Hangar itself is no audience: a token for it would pass where session tokens do.
+        if audience.trim_end_matches('/') == identity.issuer()
+            || audience.starts_with(&format!("{}/", identity.issuer()))
+        {
+            return Err(ExchangeError::Target(
+                "the audience must be a tool or service, not Hangar's issuer".into(),
+            ));
+        }
+        if scope.is_some_and(|s| s.len() > 1024 || s.chars().any(char::is_control)) {
+            return Err(ExchangeError::Target(
+                "scope must be at most 1024 characters without control characters".into(),
             ));
         }
         let claims = identity
@@ -465,6 +486,35 @@ impl Agents {
     pub async fn deploy(&self, name: &str, req: DeployRequest) -> Result<Version, AgentsError> {
         req.spec.validate().map_err(AgentsError::Invalid)?;
         output_guard(&req.spec).map_err(AgentsError::Invalid)?;
+        if let Some(name) = &req.spec.network.attach {
+            self.inner.sandboxes.check_attach(name)?;
+        }
+        // The secrets' bindings, checked now rather than at each session's start.
+        hangar_sandbox::egress::EgressPolicy::new(
+            &Egress {
+                policy: req.spec.network.egress,
+                allow: req.spec.network.allow.clone(),
+                attach: None,
+            },
+            vec![],
+        )
+        .and_then(|p| {
+            p.with_injections(
+                &req.spec
+                    .network
+                    .inject
+                    .iter()
+                    .map(|i| SecretInjection {
+                        hosts: i.hosts.clone(),
+                        header: i.header.clone(),
+                        format: i.format(),
+                        secret: String::new(),
+                        tls: i.tls,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .map_err(|e| AgentsError::Invalid(format!("network: {e}")))?;
         if req.spec.name != name {
             return Err(AgentsError::Invalid(format!(
                 "the spec names agent {:?}, but it is being deployed as {name:?}",
@@ -1257,6 +1307,9 @@ impl Agents {
             Ok(()) => {
                 self.set_state(live, SessionState::Running, Some(&sandbox), None, None)
                     .await?;
+                // The resume handed the token over; if that failed, the next scheduler tick
+                // sends a fresh one.
+                *live.token_expires.lock().unwrap() = None;
                 tracing::info!(session = %live.id, %sandbox, "session resumed");
                 Ok(())
             }
@@ -1638,6 +1691,9 @@ fn output_guard(spec: &AgentSpec) -> Result<Option<Arc<OutputGuard>>, String> {
         action: g.output,
     })))
 }
+
+/// How long after a failed token renewal the next is tried.
+const TOKEN_RETRY: Duration = Duration::from_secs(5);
 
 /// Why a token exchange was refused, as RFC 6749's error codes.
 #[derive(Debug, thiserror::Error)]

@@ -143,15 +143,17 @@ impl hangar_sandbox::egress::SecretSource for SecretVault {
     fn secret(
         &self,
         reference: &str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>> {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(String, Vec<String>), String>> + Send>,
+    > {
         let (store, key) = (self.store.clone(), self.key.clone());
         let reference = reference.to_owned();
         Box::pin(async move {
             let (agent, name) = reference
                 .split_once('/')
                 .ok_or_else(|| format!("bad secret reference {reference:?}"))?;
-            let sealed = store
-                .secret(agent, name)
+            let (sealed, hosts) = store
+                .secret_and_hosts(agent, name)
                 .await
                 .map_err(|e| format!("reading secret {name:?}: {e}"))?
                 .ok_or_else(|| {
@@ -160,7 +162,9 @@ impl hangar_sandbox::egress::SecretSource for SecretVault {
             let value = key
                 .open(agent, name, &sealed)
                 .ok_or_else(|| format!("secret {name:?} does not open with this server's key"))?;
-            String::from_utf8(value).map_err(|_| format!("secret {name:?} is not text"))
+            let value =
+                String::from_utf8(value).map_err(|_| format!("secret {name:?} is not text"))?;
+            Ok((value, serde_json::from_str(&hosts).unwrap_or_default()))
         })
     }
 }
@@ -174,13 +178,21 @@ impl Agents {
         })
     }
 
+    /// Sets a secret. `hosts` are where the egress proxy may send it (`network.inject` can
+    /// name only those): the admin who sets a secret decides where it may go, not whoever
+    /// deploys the agent.
     pub async fn set_secret(
         &self,
         agent: &str,
         name: &str,
         value: &[u8],
+        hosts: &[String],
     ) -> Result<SecretInfo, AgentsError> {
         valid_secret_name(name).map_err(AgentsError::Invalid)?;
+        for h in hosts {
+            hangar_sandbox::egress::valid_host_pattern(h)
+                .map_err(|e| AgentsError::Invalid(format!("host: {e}")))?;
+        }
         if value.is_empty() || value.len() > MAX_SECRET {
             return Err(AgentsError::Invalid(format!(
                 "a secret's value must be 1 to {MAX_SECRET} bytes, not {}",
@@ -192,11 +204,18 @@ impl Agents {
         let now = now_rfc3339();
         self.inner
             .store
-            .put_secret(agent, name, &sealed, &now)
+            .put_secret(
+                agent,
+                name,
+                &sealed,
+                &serde_json::to_string(hosts).expect("strings serialise"),
+                &now,
+            )
             .await?;
         Ok(SecretInfo {
             name: name.to_owned(),
             updated_at: now,
+            hosts: hosts.to_vec(),
         })
     }
 
@@ -208,7 +227,11 @@ impl Agents {
             .secrets(agent)
             .await?
             .into_iter()
-            .map(|(name, updated_at)| SecretInfo { name, updated_at })
+            .map(|(name, updated_at, hosts)| SecretInfo {
+                name,
+                updated_at,
+                hosts: serde_json::from_str(&hosts).unwrap_or_default(),
+            })
             .collect())
     }
 

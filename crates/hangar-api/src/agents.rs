@@ -421,11 +421,22 @@ pub async fn list_secrets(
 pub async fn put_secret(
     State(st): State<AppState>,
     Path((name, secret)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     operator_only(&headers)?;
-    let info = st.agents.set_secret(&name, &secret, &body).await?;
+    let hosts: Vec<String> = q
+        .get("hosts")
+        .map(|h| {
+            h.split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let info = st.agents.set_secret(&name, &secret, &body, &hosts).await?;
     Ok(Json(info).into_response())
 }
 

@@ -72,7 +72,7 @@ pub async fn responses(
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let user = user_of(&parts.headers)?;
     let body = read_limited(body).await?;
     let json: serde_json::Value = serde_json::from_slice(&body)
@@ -96,6 +96,10 @@ pub async fn responses(
     };
     let (lease, _created) = st.agents.route(&name, &user, &route).await?;
     let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
+    if guard.is_some() {
+        // The guardrails read the answer: it must come uncompressed.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
     let capture = Capture {
         agents: st.agents.clone(),
         agent: name,
@@ -143,7 +147,7 @@ pub async fn response_op(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (name, id) = (params["name"].clone(), params["id"].clone());
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let user = user_of(&parts.headers)?;
     let suffix = match parts.uri.path().rsplit('/').next() {
         Some("cancel") => "/cancel",
@@ -153,6 +157,10 @@ pub async fn response_op(
     let body = read_limited(body).await?;
     let lease = st.agents.route_response(&name, &user, &id).await?;
     let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
+    if guard.is_some() {
+        // The guardrails read the answer: it must come uncompressed.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
     let path = format!("/responses/{}{suffix}", percent_encode_segment(&id));
     let resp = forward(
         &st.pool,
@@ -215,10 +223,29 @@ pub async fn invocations(
         .to_owned();
     let path = format!("/{path}");
     let mut resp = if path == "/invocations_ws" {
+        if st
+            .agents
+            .output_guard(&lease)
+            .await
+            .is_some_and(|g| g.action != hangar_proto::agent::OutputAction::Off)
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "guardrails",
+                "this agent's guardrails inspect its answers, which they cannot do on a WebSocket; use POST /invocations",
+            ));
+        }
         upgrade(lease, &mut req, &path).await?
     } else {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
+        if guard.is_some() {
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
+        if guard.is_some() {
+            // The guardrails read the answer: it must come uncompressed.
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
         let resp = forward(
             &st.pool,
             lease,

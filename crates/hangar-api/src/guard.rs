@@ -54,6 +54,21 @@ pub async fn answer(
     let Some(guard) = guard else {
         return resp;
     };
+    // The agent was asked for no encoding (`plain_request`); bytes it compressed anyway
+    // cannot be read, so they are not relayed.
+    let encoded = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    if encoded && guard.action != OutputAction::Off {
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "output_blocked",
+            "the agent's answer is compressed, which its guardrails cannot read",
+        )
+        .into_response();
+    }
     let sse = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -109,8 +124,28 @@ fn redact_json(scanner: &Scanner, v: &mut Value, hits: &mut Vec<String>) {
                 *s = out;
             }
         }
+        // A number that is a card cannot be redacted in place: it becomes the marker string.
+        Value::Number(n) => {
+            let text = n.to_string();
+            let (out, h) = scanner.redact(&text);
+            if !h.is_empty() {
+                hits.extend(h.into_iter().map(|h| h.detector));
+                *v = Value::String(out);
+            }
+        }
         Value::Array(a) => a.iter_mut().for_each(|x| redact_json(scanner, x, hits)),
-        Value::Object(o) => o.values_mut().for_each(|x| redact_json(scanner, x, hits)),
+        Value::Object(o) => {
+            let keys: Vec<String> = o.keys().cloned().collect();
+            for k in keys {
+                let (out, h) = scanner.redact(&k);
+                if !h.is_empty() {
+                    hits.extend(h.into_iter().map(|h| h.detector));
+                    let x = o.remove(&k).expect("listed");
+                    o.insert(out, x);
+                }
+            }
+            o.values_mut().for_each(|x| redact_json(scanner, x, hits));
+        }
         _ => {}
     }
 }
@@ -187,7 +222,8 @@ struct Out {
     open: Option<(PartKey, Value)>,
 }
 
-type PartKey = (String, u64);
+/// One stream of deltas: the event type, the item and the content part.
+type PartKey = (String, String, u64);
 
 /// The guardrails' state over one stream.
 struct StreamGuard {
@@ -198,7 +234,7 @@ struct StreamGuard {
     hits: Vec<String>,
 }
 
-fn part_key(v: &Value) -> PartKey {
+fn part_key(kind: &str, v: &Value) -> PartKey {
     let item = v
         .get("item_id")
         .and_then(Value::as_str)
@@ -210,10 +246,17 @@ fn part_key(v: &Value) -> PartKey {
             )
         });
     (
+        kind.trim_end_matches(".delta")
+            .trim_end_matches(".done")
+            .to_owned(),
         item,
         v.get("content_index").and_then(Value::as_u64).unwrap_or(0),
     )
 }
+
+/// The most a stream may hold back (queued events) before the guardrails give up on it.
+const MAX_HELD: usize = 4 * 1024 * 1024;
+const MAX_PARTS: usize = 1024;
 
 impl StreamGuard {
     /// Closes the open delta of `key` with the text released so far.
@@ -254,10 +297,23 @@ impl StreamGuard {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_owned();
+        let is_delta = kind.ends_with(".delta")
+            && parsed
+                .as_ref()
+                .is_some_and(|v| v.get("delta").is_some_and(Value::is_string));
         match (kind.as_str(), parsed) {
-            ("response.output_text.delta", Some(v)) => {
-                let key = part_key(&v);
-                let delta = v.get("delta").and_then(Value::as_str).unwrap_or("");
+            (_, Some(mut v)) if is_delta => {
+                let key = part_key(&kind, &v);
+                let delta = v
+                    .as_object_mut()
+                    .and_then(|o| o.remove("delta"))
+                    .and_then(|d| d.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                // The rest of the event (log probabilities, …) is redacted on its own.
+                let mut hits = Vec::new();
+                redact_json(&self.scanner, &mut v, &mut hits);
+                self.hits.extend(hits);
+                let delta = delta.as_str();
                 let scanner = self.scanner.clone();
                 let (r, released) = self
                     .parts
@@ -274,8 +330,8 @@ impl StreamGuard {
                 });
             }
             (kind, Some(mut v)) => {
-                if kind == "response.output_text.done" {
-                    self.finish_part(&part_key(&v));
+                if kind.ends_with(".done") {
+                    self.finish_part(&part_key(kind, &v));
                 }
                 let mut hits = Vec::new();
                 redact_json(&self.scanner, &mut v, &mut hits);
@@ -323,6 +379,14 @@ impl StreamGuard {
             out.push(b'\n');
         }
         out
+    }
+
+    /// Whether the stream holds back more than it may (a hostile or broken agent).
+    fn overloaded(&self) -> bool {
+        self.parts.len() > MAX_PARTS
+            || self.queue.iter().map(|o| o.data.len() + 64).sum::<usize>()
+                + self.parts.values().map(|(_, r)| r.len()).sum::<usize>()
+                > MAX_HELD
     }
 
     /// Closes everything still open (the stream ended).
@@ -374,6 +438,17 @@ fn stream(st: AppState, guard: Arc<OutputGuard>, whose: Whose, resp: Response) -
                 }
             }
             events.into_iter().for_each(|e| g.feed(e));
+            if g.action != OutputAction::Off && g.overloaded() {
+                let ev = json!({
+                    "type": "error",
+                    "code": "output_blocked",
+                    "message": "the agent's stream holds back more than its guardrails can inspect",
+                });
+                let _ = tx
+                    .send(Ok(Bytes::from(format!("event: error\ndata: {ev}\n\n"))))
+                    .await;
+                return;
+            }
             if ended {
                 g.end();
             }

@@ -163,10 +163,11 @@ pub async fn token(
             resp
         }
         Err(e) => {
+            let shown: String = audience.chars().take(200).collect();
             st.audit
                 .record(audit(
                     "token.exchange.refused",
-                    json!({"audience": audience, "reason": e.to_string()}),
+                    json!({"audience": shown, "reason": e.to_string()}),
                 ))
                 .await;
             match e {
@@ -195,6 +196,7 @@ fn internal_router(state: AppState) -> Router {
             get(openid_configuration),
         )
         .route("/.well-known/jwks.json", get(jwks))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -26,6 +26,8 @@ pub use dataplane::ADDED_DONE;
 pub use error::ApiError;
 pub use identity::internal_service;
 pub use idp::IdentityProviders;
+/// The JWT algorithms `IdentityProviders::verify_jwt` takes.
+pub use jsonwebtoken::Algorithm as JwtAlgorithm;
 pub use mapping::Channels;
 
 #[derive(Clone)]

@@ -495,6 +495,10 @@ pub fn valid_secret_name(name: &str) -> Result<(), String> {
 pub struct SecretInfo {
     pub name: String,
     pub updated_at: String,
+    /// The hosts the egress proxy may send it to (`network.inject`); none: only Hangar
+    /// itself uses it.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 const MIB: u64 = 1024 * 1024;

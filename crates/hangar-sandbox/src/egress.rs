@@ -25,11 +25,18 @@ pub const INTERNAL_HOST: &str = "hangar.internal";
 
 /// Where the proxy finds the values of the secrets it injects.
 pub trait SecretSource: Send + Sync {
-    /// The value named by `reference` (a [`SecretInjection::secret`]), or why there is none.
+    /// The value named by `reference` (a [`SecretInjection::secret`]) and the host patterns
+    /// it may be sent to, or why there is none.
+    #[allow(clippy::type_complexity)]
     fn secret(
         &self,
         reference: &str,
-    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(String, Vec<String>), String>> + Send>>;
+}
+
+/// Checks a host pattern as `allow` and `network.inject` take them.
+pub fn valid_host_pattern(s: &str) -> Result<(), String> {
+    parse_rule(s).map(drop)
 }
 
 /// Serves a connection a sandbox made to [`INTERNAL_HOST`]; the first argument is the sandbox.
@@ -323,6 +330,15 @@ pub struct EgressEvent {
 /// the report, with a warning in Hangar's log).
 pub type EgressLog = tokio::sync::mpsc::Sender<EgressEvent>;
 
+/// Reports an event that must not be lost (a guardrail hit): waits for room in the queue.
+async fn report_surely(log: Option<&EgressLog>, event: EgressEvent) {
+    if let Some(log) = log {
+        if log.send(event).await.is_err() {
+            tracing::error!("a guardrail hit was not recorded: the recorder is gone");
+        }
+    }
+}
+
 fn report(log: Option<&EgressLog>, event: EgressEvent) {
     if let Some(log) = log {
         if let Err(e) = log.try_send(event) {
@@ -347,6 +363,8 @@ pub async fn serve(
     shared: Shared,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Bytes of request bodies the guardrails may hold for this sandbox at once.
+    let budget = Arc::new(tokio::sync::Semaphore::new(DLP_BUDGET));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -368,8 +386,9 @@ pub async fn serve(
         let policy = policy.clone();
         let sandbox = sandbox.clone();
         let shared = shared.clone();
+        let budget = budget.clone();
         conns.spawn(async move {
-            if let Err(e) = handle(conn, &policy, &sandbox, &shared).await {
+            if let Err(e) = handle(conn, &policy, &sandbox, &shared, &budget).await {
                 tracing::debug!(%sandbox, error = %e, "egress connection ended");
             }
             drop(slot);
@@ -383,20 +402,42 @@ struct Head {
     connect: bool,
     host: String,
     port: u16,
-    /// For plain HTTP: the head to send upstream, rewritten to origin form.
+    /// For plain HTTP: the head to send upstream, rewritten to origin form, with `Host` set to
+    /// the URL's authority and `Connection: close`.
     forward: Vec<u8>,
+    /// How the body is framed (plain HTTP).
+    content_length: Option<usize>,
+    chunked: bool,
 }
 
-/// Parses a proxy request head (everything up to and including the blank line).
+/// `tchar` of RFC 9110: what a method or a field name is made of.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Parses a proxy request head (everything up to and including the blank line). It is
+/// checked strictly and rebuilt from its parts, so that what the destination parses is what
+/// the proxy checked: no bare CR or LF, no control characters, no folded or nameless lines,
+/// one framing of the body, and the `Host` of the URL (never the sandbox's own).
 fn parse_head(head: &[u8]) -> Result<Head, String> {
     let text = std::str::from_utf8(head).map_err(|_| "request head is not UTF-8".to_string())?;
+    let text = text
+        .strip_suffix("\r\n\r\n")
+        .ok_or("request head does not end with a blank line")?;
     let mut lines = text.split("\r\n");
     let first = lines.next().unwrap_or_default();
-    let mut parts = first.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let parts: Vec<&str> = first.split(' ').collect();
+    let [method, target, version] = parts[..] else {
         return Err(format!("malformed request line {first:?}"));
     };
+    if !is_token(method) || !matches!(version, "HTTP/1.1" | "HTTP/1.0") {
+        return Err(format!("malformed request line {first:?}"));
+    }
+    if target.bytes().any(|b| b.is_ascii_control()) {
+        return Err("the request target has control characters".into());
+    }
     if method == "CONNECT" {
         let (host, port) = split_host_port(target, None)?;
         return Ok(Head {
@@ -404,45 +445,98 @@ fn parse_head(head: &[u8]) -> Result<Head, String> {
             host,
             port,
             forward: Vec::new(),
+            content_length: None,
+            chunked: false,
         });
+    }
+    // TRACE echoes the request, headers the proxy added included, back to the sandbox.
+    if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
+        return Err(format!("{method} is not carried by the egress proxy"));
     }
     let rest = target.strip_prefix("http://").ok_or_else(|| {
         format!("only CONNECT and absolute http:// requests go through the proxy, not {target:?}")
     })?;
-    let (authority, path) = match rest.find('/') {
+    let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
+    if authority.contains('@') {
+        return Err("credentials in the URL are not carried (use a header)".into());
+    }
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_owned()
+    };
     let (host, port) = split_host_port(authority, Some(80))?;
-    let mut forward = format!("{method} {path} {version}\r\n").into_bytes();
-    let mut closed = false;
+    let mut forward = format!("{method} {path} {version}\r\nHost: {authority}\r\n").into_bytes();
+    let mut content_length: Option<usize> = None;
+    let mut chunked = false;
+    let mut encodings = 0;
     for line in lines {
-        let lower = line.to_ascii_lowercase();
-        // One request per upstream connection: the connection is spliced after this head, so
-        // a second request from a keep-alive client would reach this host unchecked.
-        if lower.starts_with("proxy-connection:")
-            || lower.starts_with("proxy-authorization:")
-            || lower.starts_with("connection:")
-            || lower.starts_with("keep-alive:")
-        {
-            continue;
+        if line.starts_with([' ', '\t']) {
+            return Err("folded header lines are not accepted".into());
         }
-        if line.is_empty() && !closed {
-            forward.extend_from_slice(b"Connection: close\r\n");
-            closed = true;
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("malformed header line {line:?}"))?;
+        if !is_token(name) {
+            return Err(format!("malformed header name {name:?}"));
+        }
+        if value
+            .bytes()
+            .any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f)
+        {
+            return Err(format!("header {name} has control characters"));
+        }
+        let lower = name.to_ascii_lowercase();
+        match lower.as_str() {
+            // One request per upstream connection, and the URL's host: the connection is
+            // spliced after this head, so a second request from a keep-alive client would
+            // reach this host unchecked, and a `Host` of the sandbox's choosing could send it
+            // (and a secret added to it) to another site behind the same address.
+            "proxy-connection"
+            | "proxy-authorization"
+            | "connection"
+            | "keep-alive"
+            | "host"
+            | "te"
+            | "upgrade" => continue,
+            "content-length" => {
+                let n: usize = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad Content-Length {value:?}"))?;
+                if content_length.is_some_and(|c| c != n) {
+                    return Err("conflicting Content-Length headers".into());
+                }
+                content_length = Some(n);
+            }
+            "transfer-encoding" => {
+                encodings += 1;
+                if !value.trim().eq_ignore_ascii_case("chunked") || encodings > 1 {
+                    return Err(format!(
+                        "Transfer-Encoding {value:?} is not carried (only chunked)"
+                    ));
+                }
+                chunked = true;
+            }
+            _ => {}
         }
         forward.extend_from_slice(line.as_bytes());
         forward.extend_from_slice(b"\r\n");
     }
-    // `lines` ends with the two empty strings of the final CRLFCRLF; keep exactly one blank line.
-    while forward.ends_with(b"\r\n\r\n\r\n") {
-        forward.truncate(forward.len() - 2);
+    if chunked && content_length.is_some() {
+        return Err("a request may not have both Content-Length and Transfer-Encoding".into());
     }
+    forward.extend_from_slice(b"Connection: close\r\n\r\n");
     Ok(Head {
         connect: false,
         host,
         port,
         forward,
+        content_length,
+        chunked,
     })
 }
 
@@ -474,6 +568,7 @@ async fn handle(
     policy: &EgressPolicy,
     sandbox: &str,
     shared: &Shared,
+    budget: &Arc<tokio::sync::Semaphore>,
 ) -> std::io::Result<()> {
     let log = shared.log.as_ref();
     let mut buf = Vec::with_capacity(1024);
@@ -517,7 +612,17 @@ async fn handle(
         service(sandbox.to_owned(), Prefixed::new(buf, conn)).await;
         return Ok(());
     }
-    let injection = policy.injection(&head.host, head.port).cloned();
+    // A binding to `host:443` with TLS serves `http://host/…` (the port the request will
+    // really use).
+    let injection = policy
+        .injection(&head.host, head.port)
+        .or_else(|| {
+            (head.port == 80)
+                .then(|| policy.injection(&head.host, 443))
+                .flatten()
+                .filter(|i| i.tls)
+        })
+        .cloned();
     // TLS that Hangar originates goes to the HTTPS port unless the URL named another.
     let tls = injection.as_ref().is_some_and(|i| i.tls);
     let port = if tls && head.port == 80 {
@@ -558,6 +663,22 @@ async fn handle(
             Some(source) => source.secret(&inj.secret).await,
             None => Err("this server keeps no secrets".to_owned()),
         }
+        .and_then(|(v, hosts)| {
+            // The admin who set the secret named where it may go; agent.yaml cannot widen it.
+            let host = head.host.trim_end_matches('.').to_ascii_lowercase();
+            let may = hosts
+                .iter()
+                .filter_map(|h| parse_rule(h).ok())
+                .any(|r| r.matches(&host, port) || r.matches(&host, head.port));
+            if !may {
+                return Err(format!(
+                    "{} is not one of the hosts the secret may be sent to \
+                     (hangar secrets set AGENT NAME --host {})",
+                    head.host, head.host
+                ));
+            }
+            Ok(v)
+        })
         .and_then(|v| {
             if v.is_empty() || v.contains(['\r', '\n', '\0']) {
                 Err("its value is empty or has a line break, which cannot go in a header".into())
@@ -586,37 +707,72 @@ async fn handle(
                 .map(Iterator::collect),
         }
     };
+    // With guardrails, the whole request (head and body) is read and inspected before
+    // anything leaves, and nothing the client sends after it is carried.
+    let mut body_only = false;
+    let _budget;
     if let (Some(scanner), false) = (&policy.dlp, head.connect) {
-        match read_body(&mut conn, &mut buf, head_len, &mut head.forward, deadline).await {
-            Ok(()) => {}
-            Err(BodyError::Io(e)) => return Err(e),
-            Err(BodyError::TooLarge) => {
-                let reason = format!(
-                    "the request body is larger than the {} MiB the data-loss guardrails inspect",
-                    MAX_DLP_BODY >> 20
-                );
+        let want = head
+            .content_length
+            .unwrap_or(if head.chunked { MAX_DLP_BODY } else { 0 });
+        _budget = match budget
+            .clone()
+            .try_acquire_many_owned(want.min(MAX_DLP_BODY) as u32)
+        {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let reason =
+                    "too many request bodies are being inspected for this sandbox; try again"
+                        .to_owned();
                 report(log, event(false, Some(reason.clone()), 0, 0));
-                return refuse(&mut conn, 413, &reason).await;
+                return refuse(&mut conn, 503, &reason).await;
             }
+        };
+        let decoded = match read_body(&mut conn, &mut buf, head_len, &head, deadline).await {
+            Ok(d) => d,
+            Err(e) => {
+                let (status, reason) = match e {
+                    BodyError::TooLarge => (
+                        413,
+                        format!(
+                            "the request body is larger than the {} MiB the data-loss guardrails inspect",
+                            MAX_DLP_BODY >> 20
+                        ),
+                    ),
+                    BodyError::Bad(m) => (400, format!("malformed request body: {m}")),
+                    BodyError::Io(e) => (408, format!("the request body did not arrive: {e}")),
+                };
+                report(log, event(false, Some(reason.clone()), 0, 0));
+                return refuse(&mut conn, status, &reason).await;
+            }
+        };
+        if head
+            .forward
+            .windows(14)
+            .any(|w| w.eq_ignore_ascii_case(b"\r\nexpect: 100-"))
+        {
+            head.forward = without_header(&head.forward, "expect");
         }
         let mut names: Vec<String> = scanner
-            .scan_bytes(&buf[head_len..])
+            .scan_bytes(&buf[..head_len])
             .into_iter()
+            .chain(scanner.scan_bytes(&decoded))
             .map(|h| h.detector)
             .collect();
         names.sort();
         names.dedup();
         if !names.is_empty() {
             let reason = format!(
-                "blocked by the data-loss guardrails: the request body contains {}",
+                "blocked by the data-loss guardrails: the request contains {}",
                 names.join(", ")
             );
             tracing::info!(%sandbox, host = %head.host, port, detectors = ?names, "egress blocked by guardrails");
             let mut e = event(false, Some(reason.clone()), 0, 0);
             e.dlp = names;
-            report(log, e);
+            report_surely(log, e).await;
             return refuse(&mut conn, 403, &reason).await;
         }
+        body_only = true;
     }
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(LOOKUP_DEADLINE, lookup)
         .await
@@ -687,7 +843,15 @@ async fn handle(
         } else {
             head.forward.len() as u64
         };
-    let copied = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    let copied = if body_only {
+        // The request was inspected whole: only the answer flows from here on.
+        upstream.flush().await?;
+        tokio::io::copy(&mut upstream, &mut conn)
+            .await
+            .map(|back| (0, back))
+    } else {
+        tokio::io::copy_bidirectional(&mut conn, &mut upstream).await
+    };
     match &copied {
         Ok((out, back)) => report(log, event(true, None, early + out, *back)),
         Err(e) => report(log, event(true, Some(format!("ended: {e}")), early, 0)),
@@ -697,50 +861,67 @@ async fn handle(
 
 /// The largest request body the data-loss guardrails inspect; a larger one is refused.
 const MAX_DLP_BODY: usize = 4 << 20;
+/// The bytes of request bodies one sandbox's proxy holds for inspection at once.
+const DLP_BUDGET: usize = 16 << 20;
 
 enum BodyError {
     Io(std::io::Error),
     TooLarge,
+    Bad(String),
 }
 
 /// Reads a plain-HTTP request's whole body into `buf` (after the head at `..head_len`), by its
-/// `Content-Length` or to the end of its chunked encoding, so that it can be inspected before
-/// anything leaves. A client waiting on `Expect: 100-continue` is told to go on here, and the
-/// expectation is dropped from the head sent upstream.
+/// `Content-Length` or its chunked framing (decoded as it comes), so that it can be inspected
+/// before anything leaves; returns the decoded body. A client waiting on
+/// `Expect: 100-continue` is told to go on here.
 async fn read_body(
     conn: &mut UnixStream,
     buf: &mut Vec<u8>,
     head_len: usize,
-    forward: &mut Vec<u8>,
+    head: &Head,
     deadline: tokio::time::Instant,
-) -> Result<(), BodyError> {
-    let text = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
-    let header = |name: &str| {
-        text.split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim() == name)
-            .map(|(_, v)| v.trim().to_owned())
-    };
-    let length: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
-    let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
-    if length.is_none() && !chunked {
-        return Ok(());
+) -> Result<Vec<u8>, BodyError> {
+    if head.content_length.is_none() && !head.chunked {
+        // No body; a client that sends bytes anyway has them dropped (see `body_only`).
+        buf.truncate(head_len);
+        return Ok(Vec::new());
     }
-    if length.is_some_and(|n| n > MAX_DLP_BODY) {
+    if head.content_length.is_some_and(|n| n > MAX_DLP_BODY) {
         return Err(BodyError::TooLarge);
     }
-    if header("expect").is_some_and(|v| v == "100-continue") {
+    let expects = String::from_utf8_lossy(&buf[..head_len])
+        .to_ascii_lowercase()
+        .contains("\r\nexpect: 100-continue");
+    if expects {
         conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
             .map_err(BodyError::Io)?;
-        *forward = without_header(forward, "expect");
     }
-    let done = |buf: &[u8]| match length {
-        Some(n) => buf.len() - head_len >= n,
-        None => buf[head_len..].ends_with(b"0\r\n\r\n"),
-    };
-    while !done(buf) {
-        if buf.len() - head_len > MAX_DLP_BODY {
+    let mut chunks = Chunked::default();
+    loop {
+        let done = match head.content_length {
+            Some(n) => {
+                if buf.len() - head_len >= n {
+                    buf.truncate(head_len + n);
+                    true
+                } else {
+                    false
+                }
+            }
+            None => {
+                let end = chunks.advance(&buf[head_len..]).map_err(BodyError::Bad)?;
+                if let Some(end) = end {
+                    buf.truncate(head_len + end);
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if done {
+            break;
+        }
+        if buf.len() - head_len > MAX_DLP_BODY + 64 * 1024 {
             return Err(BodyError::TooLarge);
         }
         let mut chunk = [0u8; 16 * 1024];
@@ -749,11 +930,76 @@ async fn read_body(
             .map_err(|e| BodyError::Io(std::io::Error::other(e)))?
             .map_err(BodyError::Io)?;
         if n == 0 {
-            break;
+            return Err(BodyError::Io(std::io::Error::other(
+                "the connection closed before the end of the body",
+            )));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(())
+    Ok(match head.content_length {
+        Some(_) => buf[head_len..].to_vec(),
+        None => chunks.decoded,
+    })
+}
+
+/// An incremental decoder of the chunked transfer coding (RFC 9112 section 7.1): chunk sizes
+/// in hex with optional extensions, data, CRLF; a last chunk of size 0, optional trailer
+/// lines, and a blank line.
+#[derive(Default)]
+struct Chunked {
+    /// Where in the raw body the next element starts.
+    pos: usize,
+    /// Data still owed by the current chunk (its CRLF follows it).
+    remaining: Option<usize>,
+    in_trailers: bool,
+    decoded: Vec<u8>,
+}
+
+impl Chunked {
+    /// Consumes what `raw` (the whole body so far) holds; `Some(end)` once the body is whole.
+    fn advance(&mut self, raw: &[u8]) -> Result<Option<usize>, String> {
+        loop {
+            if let Some(n) = self.remaining {
+                if raw.len() < self.pos + n + 2 {
+                    return Ok(None);
+                }
+                if &raw[self.pos + n..self.pos + n + 2] != b"\r\n" {
+                    return Err("a chunk does not end with CRLF".into());
+                }
+                self.decoded.extend_from_slice(&raw[self.pos..self.pos + n]);
+                self.pos += n + 2;
+                self.remaining = None;
+                continue;
+            }
+            let Some(eol) = raw[self.pos..].windows(2).position(|w| w == b"\r\n") else {
+                if raw.len() - self.pos > 4096 {
+                    return Err("a chunk-size or trailer line is too long".into());
+                }
+                return Ok(None);
+            };
+            let line = &raw[self.pos..self.pos + eol];
+            self.pos += eol + 2;
+            if self.in_trailers {
+                if line.is_empty() {
+                    return Ok(Some(self.pos));
+                }
+                continue;
+            }
+            let size = line.split(|&b| b == b';').next().unwrap_or_default();
+            let size = std::str::from_utf8(size)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|s| usize::from_str_radix(s, 16).ok())
+                .ok_or("a chunk size is not hexadecimal")?;
+            if size == 0 {
+                self.in_trailers = true;
+            } else if size > MAX_DLP_BODY {
+                return Err("a chunk is larger than the guardrails inspect".into());
+            } else {
+                self.remaining = Some(size);
+            }
+        }
+    }
 }
 
 /// A request head without the lines of header `name` (lower case).
@@ -838,6 +1084,7 @@ async fn refuse(conn: &mut UnixStream, status: u16, reason: &str) -> std::io::Re
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
+        408 => "Request Timeout",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
@@ -938,18 +1185,85 @@ mod tests {
             b"GET http://a.org/ HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(h.forward, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert_eq!(
+            h.forward,
+            b"GET / HTTP/1.1\r\nHost: a.org\r\nConnection: close\r\n\r\n"
+        );
         let h = parse_head(b"GET http://[::1]:81 HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(
             (h.host.as_str(), h.port, h.forward.as_slice()),
             (
                 "::1",
                 81,
-                &b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..]
+                &b"GET / HTTP/1.1\r\nHost: [::1]:81\r\nConnection: close\r\n\r\n"[..]
             )
         );
+        let h = parse_head(
+            b"POST http://a.org/x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((h.content_length, h.chunked), (Some(5), false));
         assert!(parse_head(b"GET /relative HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_head(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_whatever_the_split() {
+        let raw = b"4;ext=1\r\n4111\r\n0f\r\n 1111 1111 1111\r\n0\r\nX-Trailer: y\r\n\r\nEXTRA";
+        let end = raw.len() - "EXTRA".len();
+        for cut in 0..raw.len() {
+            let mut c = Chunked::default();
+            let first = c.advance(&raw[..cut]).unwrap();
+            if cut < end {
+                assert_eq!(first, None, "cut {cut}");
+            }
+            let whole = match first {
+                Some(e) => Some(e),
+                None => c.advance(raw).unwrap(),
+            };
+            assert_eq!(whole, Some(end), "cut {cut}");
+            assert_eq!(c.decoded, b"4111 1111 1111 1111", "cut {cut}");
+        }
+        // A chunk's data that ends like a last chunk does not end the body.
+        let mut c = Chunked::default();
+        assert_eq!(c.advance(b"5\r\nab0\r\n\r\n").unwrap(), None);
+        for bad in [&b"zz\r\n"[..], b"3\r\nabcXY", b"\r\n"] {
+            assert!(Chunked::default().advance(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_sandbox_cannot_choose_the_host_or_smuggle_lines() {
+        // The URL's host, never the sandbox's `Host`: a secret for api.example must not reach
+        // another site behind the same front end.
+        let h = parse_head(
+            b"GET http://api.example/v1 HTTP/1.1\r\nHost: paste.example\r\nHOST: x\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            h.forward,
+            b"GET /v1 HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n"
+        );
+        for bad in [
+            &b"GET http://a.org/ HTTP/1.1\r\nX: a\nContent-Length: 300\r\n\r\n"[..],
+            b"GET http://a.org/ HTTP/1.1\r\nX: a\rb\r\n\r\n",
+            b"GET http://a.org/ HTTP/1.1\r\n folded\r\n\r\n",
+            b"GET http://a.org/ HTTP/1.1\r\nBad Name: v\r\n\r\n",
+            b"GET http://a.org/ HTTP/1.1\r\nnocolon\r\n\r\n",
+            b"GET http://a.org/ HTTP/2\r\n\r\n",
+            b"GET http://a.org/x\nFoo: HTTP/1.1\r\n\r\n",
+            b"TRACE http://a.org/ HTTP/1.1\r\n\r\n",
+            b"GET http://user:pw@a.org/ HTTP/1.1\r\n\r\n",
+            b"POST http://a.org/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST http://a.org/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST http://a.org/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        ] {
+            assert!(
+                parse_head(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

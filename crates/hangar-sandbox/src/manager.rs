@@ -50,6 +50,9 @@ pub struct Config {
     pub vm_kernel: Option<PathBuf>,
     /// The `vm` driver's accelerator, instead of probing for KVM.
     pub vm_accel: Option<Accel>,
+    /// The host network namespaces sandboxes may attach their egress to (`network.attach`):
+    /// the operator's choice, since a namespace reaches whatever its network reaches.
+    pub attachable: Vec<String>,
     /// What every sandbox's egress proxy shares: where it reports each connection, where the
     /// secrets it injects and Hangar's internal service come from.
     pub egress: crate::egress::Shared,
@@ -332,7 +335,7 @@ impl Sandboxes {
                     "egress.attach needs a policy other than \"none\"".into(),
                 ));
             }
-            self.inner.netns.get(name).map_err(SandboxError::Invalid)?;
+            self.check_attach(name)?;
         }
         let path = PathBuf::from(&req.image);
         let images = self.inner.images.clone();
@@ -702,20 +705,39 @@ impl Sandboxes {
         Ok(rec.sandbox.clone())
     }
 
+    /// Whether sandboxes may attach their egress to network namespace `name`: one the operator
+    /// named (`hangar serve --netns`), and that exists.
+    pub fn check_attach(&self, name: &str) -> Result<(), SandboxError> {
+        if !self.inner.cfg.attachable.iter().any(|n| n == name) {
+            return Err(SandboxError::Invalid(format!(
+                "network namespace {name:?} is not one sandboxes may attach to; the operator \
+                 allows it with `hangar serve --netns {name}`"
+            )));
+        }
+        self.inner
+            .netns
+            .get(name)
+            .map(drop)
+            .map_err(SandboxError::Invalid)
+    }
+
     /// Sets a sandbox's session token: handed to `hangar-init` now if the sandbox runs, else
     /// when it next starts or resumes.
     pub async fn set_token(&self, id: &str, token: String) -> Result<(), SandboxError> {
         let entry = self.entry(id)?;
-        let mut rec = entry.record.lock().await;
-        rec.token = Some(token);
-        match rec.sandbox.state {
-            SandboxState::Running => Ok(self
-                .link(&rec)
-                .set_token(rec.token.as_deref().unwrap_or_default())
-                .await?),
-            SandboxState::Deleted => Err(SandboxError::NotFound(id.to_owned())),
-            _ => Ok(()),
-        }
+        let link = {
+            let mut rec = entry.record.lock().await;
+            rec.token = Some(token.clone());
+            match rec.sandbox.state {
+                SandboxState::Running => self.link(&rec),
+                SandboxState::Deleted => return Err(SandboxError::NotFound(id.to_owned())),
+                _ => return Ok(()),
+            }
+        };
+        // Not under the record's lock: a sandbox slow to answer must not hold up its
+        // transitions. A suspend that comes first makes this fail, and the resume hands the
+        // recorded token over.
+        Ok(link.set_token(&token).await?)
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), SandboxError> {

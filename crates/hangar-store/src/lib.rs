@@ -625,20 +625,23 @@ impl Store {
         Ok(())
     }
 
+    /// Sets a secret: its sealed value and the hosts (a JSON array) it may be sent to.
     pub async fn put_secret(
         &self,
         agent: &str,
         name: &str,
         sealed: &str,
+        hosts: &str,
         now: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO secrets (agent, name, sealed, updated_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (agent, name) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            "INSERT INTO secrets (agent, name, sealed, hosts, updated_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (agent, name) DO UPDATE SET sealed = excluded.sealed, hosts = excluded.hosts, updated_at = excluded.updated_at",
         )
         .bind(agent)
         .bind(name)
         .bind(sealed)
+        .bind(hosts)
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -655,16 +658,32 @@ impl Store {
         Ok(row.map(|r| r.get("sealed")))
     }
 
+    /// The sealed value of a secret and the hosts (a JSON array) it may be sent to.
+    pub async fn secret_and_hosts(
+        &self,
+        agent: &str,
+        name: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT sealed, hosts FROM secrets WHERE agent = ? AND name = ?")
+            .bind(agent)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get("sealed"), r.get("hosts"))))
+    }
+
     /// Names and update times of an agent's secrets, by name.
-    pub async fn secrets(&self, agent: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT name, updated_at FROM secrets WHERE agent = ? ORDER BY name")
-                .bind(agent)
-                .fetch_all(&self.pool)
-                .await?;
+    /// Names, update times and hosts (JSON arrays) of an agent's secrets, by name.
+    pub async fn secrets(&self, agent: &str) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, updated_at, hosts FROM secrets WHERE agent = ? ORDER BY name",
+        )
+        .bind(agent)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get("name"), r.get("updated_at")))
+            .map(|r| (r.get("name"), r.get("updated_at"), r.get("hosts")))
             .collect())
     }
 

@@ -1540,7 +1540,9 @@ description: |
             }
             let e = serde_json::from_value::<T>(Value::from("zzz")).unwrap_err();
             let listed: Vec<String> = values.iter().map(|v| format!("`{v}`")).collect();
-            assert!(e.to_string().contains(&listed.join(", ")), "{e}");
+            // serde lists two values as "`a` or `b`", more as "`a`, `b`, `c`".
+            let sep = if listed.len() == 2 { " or " } else { ", " };
+            assert!(e.to_string().contains(&listed.join(sep)), "{e}");
         }
         enum_values::<Protocol>(PROTOCOLS);
         enum_values::<DriverKind>(ISOLATIONS);

@@ -24,6 +24,9 @@ pub enum BenchCmd {
     Sessions(crate::bench_agents::SessionsBench),
     /// What AG-UI and the Activity Protocol add over a streamed /responses call.
     Protocols(crate::bench_protocols::ProtocolsBench),
+    /// What authentication (API key, JWT) adds to a data-plane request and the egress proxy
+    /// to an HTTP request.
+    Security(crate::bench_security::SecurityBench),
 }
 
 #[derive(Args)]
@@ -83,6 +86,7 @@ pub async fn run(url: &str, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Gateway(b) => crate::bench_agents::gateway(url, b).await,
         BenchCmd::Sessions(b) => crate::bench_agents::sessions(url, b).await,
         BenchCmd::Protocols(b) => crate::bench_protocols::run(url, b).await,
+        BenchCmd::Security(b) => crate::bench_security::run(url, b).await,
     }
 }
 

@@ -9,6 +9,7 @@ mod audit_cmd;
 mod bench;
 mod bench_agents;
 mod bench_protocols;
+mod bench_security;
 mod check;
 mod check_rules;
 mod client;

@@ -15,7 +15,15 @@ use crate::client::{check, full, Client};
 #[derive(Subcommand)]
 pub enum SecretsCmd {
     /// Set a secret from stdin: `hangar secrets set notes bot-password < file`.
-    Set { agent: String, name: String },
+    Set {
+        agent: String,
+        name: String,
+        /// A host the egress proxy may send it to for `network.inject` (repeatable;
+        /// `*.domain` and `:port` as in `network.allow`). Without one, only Hangar itself
+        /// uses the secret.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+    },
     /// List an agent's secrets (names and when they were set; never values).
     Ls {
         agent: String,
@@ -28,7 +36,7 @@ pub enum SecretsCmd {
 
 pub async fn run(c: &Client, cmd: SecretsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        SecretsCmd::Set { agent, name } => {
+        SecretsCmd::Set { agent, name, hosts } => {
             let mut value = Vec::new();
             std::io::stdin()
                 .take(hangar_agents::MAX_SECRET as u64 + 1)
@@ -44,7 +52,14 @@ pub async fn run(c: &Client, cmd: SecretsCmd) -> anyhow::Result<ExitCode> {
             let resp = c
                 .send(
                     Method::PUT,
-                    &format!("/v1/agents/{agent}/secrets/{name}"),
+                    &if hosts.is_empty() {
+                        format!("/v1/agents/{agent}/secrets/{name}")
+                    } else {
+                        format!(
+                            "/v1/agents/{agent}/secrets/{name}?hosts={}",
+                            hosts.join(",")
+                        )
+                    },
                     &[("content-type", "application/octet-stream")],
                     full(value),
                 )
@@ -60,9 +75,9 @@ pub async fn run(c: &Client, cmd: SecretsCmd) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let list: Vec<SecretInfo> = serde_json::from_value(v["secrets"].clone())?;
-                println!("{:<32} UPDATED", "NAME");
+                println!("{:<32} {:<24} HOSTS", "NAME", "UPDATED");
                 for s in list {
-                    println!("{:<32} {}", s.name, s.updated_at);
+                    println!("{:<32} {:<24} {}", s.name, s.updated_at, s.hosts.join(","));
                 }
             }
         }

@@ -28,6 +28,10 @@ pub struct ServeArgs {
     /// listening address.
     #[arg(long, env = "HANGAR_ISSUER", value_name = "URL")]
     issuer: Option<String>,
+    /// A host network namespace (`ip netns add NAME`) agents may send their egress through
+    /// with `network.attach: NAME` (repeatable). None by default.
+    #[arg(long = "netns", value_name = "NAME")]
+    netns: Vec<String>,
     /// How long a session token lasts (at least 10s); sandboxes get a fresh one when a
     /// third of it is left.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
@@ -134,7 +138,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let issuer = match args.issuer {
         Some(i) if i.starts_with("https://") || i.starts_with("http://") => i,
         Some(i) => bail!("--issuer must be an http(s) URL, not {i:?}"),
-        None => format!("http://{local}"),
+        None => {
+            if local.ip().is_unspecified() {
+                tracing::warn!(
+                    "the token issuer defaults to http://{local}, which tools cannot reach; \
+                     set --issuer to the URL they use"
+                );
+            }
+            format!("http://{local}")
+        }
     };
     if args.session_token_ttl < std::time::Duration::from_secs(10) {
         bail!("--session-token-ttl must be at least 10s");
@@ -165,6 +177,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         vm_kernel: args.vm_kernel,
         vm_accel: vm_accel(&args.vm_accel),
         egress: egress.clone(),
+        attachable: args.netns,
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -243,7 +243,7 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     let corp_addr = format!("10.214.{n}.1");
     let (_corp_svc, corp_log) = recording_server(&corp, &corp_addr, 8081, "hello from corp");
 
-    let server = Server::start_with(&["--session-token-ttl", "12s"]);
+    let server = Server::start_with(&["--session-token-ttl", "12s", "--netns", &corp.name]);
     debian_base(&server, &BASE_PACKAGES);
     let yaml = format!(
         "name: probe\nbuild: {{ dockerfile: Dockerfile }}\nisolation: gvisor\n\
@@ -253,22 +253,30 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     );
     let dir = agent_dir("probe", &yaml);
     deploy(&server, dir.path(), &[]);
-    let mut set = Command::new(env!("CARGO_BIN_EXE_hangar"))
-        .args(["secrets", "set", "probe", "api-key"])
-        .env("HANGAR_URL", server.url(""))
-        .env("HANGAR_API_KEY", server.key())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(b"sk-live-4f9a1c")
-        .unwrap();
-    assert!(set.wait_with_output().unwrap().status.success());
+    let set_secret = |host: &str| {
+        let mut set = Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["secrets", "set", "probe", "api-key", "--host", host])
+            .env("HANGAR_URL", server.url(""))
+            .env("HANGAR_API_KEY", server.key())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        set.stdin
+            .take()
+            .unwrap()
+            .write_all(b"sk-live-4f9a1c")
+            .unwrap();
+        let out = set.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    set_secret(&format!("{service}:8080"));
 
     let alice = session_of(&respond(&server, "probe", "alice", &json!({"input": "hi"})));
     let bob = session_of(&respond(&server, "probe", "bob", &json!({"input": "hi"})));
@@ -363,6 +371,20 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
         assert_eq!(status, 400, "{bad}: {answer}");
         assert_eq!(answer["error"], "invalid_grant", "{answer}");
     }
+    // Hangar itself is no audience.
+    let (code, out, err) = py(
+        &server,
+        &alice,
+        &format!(
+            "import os\nos.environ['AUD'] = {:?}\n{EXCHANGE}",
+            server.url("")
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("400") && out.contains("invalid_target"),
+        "{out}"
+    );
     // The exchange is not on Hangar's own listener.
     let outside_exchange = http_anonymous(&server, "POST", "/oauth2/token", &[], Some(b"x=y"));
     assert_eq!(outside_exchange.status, 404, "{}", outside_exchange.text());
@@ -371,7 +393,7 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
 
     // The injected secret: the agent calls the bound host without it, the host gets it.
     let call = format!(
-        "import urllib.request\nreq = urllib.request.Request('http://{service}:8080/v1/models', headers={{'Authorization': 'Bearer fake'}})\nprint(urllib.request.urlopen(req, timeout=20).read().decode())"
+        "import urllib.request\nreq = urllib.request.Request('http://{service}:8080/v1/models', headers={{'Authorization': 'Bearer fake', 'Host': 'paste.example'}})\nprint(urllib.request.urlopen(req, timeout=20).read().decode())"
     );
     let (code, out, err) = py(&server, &alice, &call);
     assert_eq!((code, out.trim()), (0, "hello from the service"), "{err}");
@@ -379,6 +401,23 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["path"], "/v1/models");
     assert_eq!(got[0]["headers"]["authorization"], "Bearer sk-live-4f9a1c");
+    // The URL's host, not the one the sandbox wrote: the secret goes where it is bound.
+    assert_eq!(got[0]["headers"]["host"], format!("{service}:8080"));
+    // The admin who set the secret decides where it may go: bound elsewhere, agent.yaml's
+    // binding no longer sends it.
+    set_secret("api.other.example");
+    let (code, out, err) = py(&server, &alice, &call.replace("print(urllib", "import urllib.error\ntry:\n    print(urllib").replace(".read().decode())", ".read().decode())\nexcept urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("502") && out.contains("may be sent to"),
+        "{out}"
+    );
+    assert_eq!(
+        recorded(&svc_log).len(),
+        1,
+        "the secret went to a host it is not bound to"
+    );
+    set_secret(&format!("{service}:8080"));
     let (code, out, _) = py(
         &server,
         &alice,
@@ -441,6 +480,12 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
          network:\n  egress: allowlist\n  allow: [\"{corp_addr}:8081\"]\n  attach: {}\n",
         corp.name
     );
+    // Only namespaces the operator named may be attached to.
+    let other = agent_dir("probe", &yaml.replace(&corp.name, &outside.name));
+    let out = cli(&server, &["deploy", other.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--netns"), "{err}");
     let dir = agent_dir("probe", &yaml);
     deploy(&server, dir.path(), &[]);
     let r = server.call(
@@ -597,6 +642,19 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
     assert!(
         recorded(&svc_log).is_empty(),
         "the body reached the service"
+    );
+    // A card split across the chunks of a chunked body is still found.
+    let (_, chunked, _) = py(
+        &server,
+        &alice,
+        &format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', 3128))\ns.sendall(b'POST http://{service}:8080/c HTTP/1.1\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n9\\r\\n4111 1111\\r\\na\\r\\n 1111 1111\\r\\n0\\r\\n\\r\\n')\nprint(s.recv(200).decode().splitlines()[0])"
+        ),
+    );
+    assert!(chunked.starts_with("HTTP/1.1 403"), "{chunked}");
+    assert!(
+        recorded(&svc_log).is_empty(),
+        "the chunked body reached the service"
     );
     assert_eq!(post("nothing to see").trim(), "200");
     let got = recorded(&svc_log);
