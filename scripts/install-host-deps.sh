@@ -14,6 +14,8 @@ packages=(
   nftables         # egress rules (doctor)
   busybox-static   # the example and test root filesystems
   curl             # the tests' HTTP client
+  ca-certificates  # TLS the egress proxy originates for injected secrets
+  openssl          # the tests' certificates for TLS the egress proxy originates
   procps           # ps, for checking that nothing is left behind
   buildah          # builds OCI images from Dockerfiles (and the tests' images)
   debootstrap      # `hangar images bootstrap debian:bookworm`

@@ -243,19 +243,54 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     let corp_addr = format!("10.214.{n}.1");
     let (_corp_svc, corp_log) = recording_server(&corp, &corp_addr, 8081, "hello from corp");
 
-    let server = Server::start_with(&["--session-token-ttl", "12s", "--netns", &corp.name]);
+    // A TLS service too, with a certificate from a CA of the test's own, which `hangar serve`
+    // trusts through SSL_CERT_FILE: the proxy originates TLS for injected secrets.
+    require("openssl", "openssl");
+    let pki = tempfile::tempdir().unwrap();
+    run(&format!(
+        "cd {dir} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+           -keyout ca.key -out ca.pem -days 1 -subj /CN=hangar-test-ca 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key \
+           -out srv.csr -subj /CN=service 2>/dev/null && \
+         printf 'subjectAltName=IP:{service}\\nbasicConstraints=CA:FALSE\\n' > ext && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem \
+           -days 1 -extfile ext 2>/dev/null",
+        dir = pki.path().display()
+    ));
+    let tls_log = std::env::temp_dir().join(format!("{}-8443.jsonl", outside.name));
+    let _ = std::fs::remove_file(&tls_log);
+    let _tls_svc = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &outside.name, "python3"])
+            .arg(common::agents::tests_dir().join("py/recording_server.py"))
+            .args([service.as_str(), "8443"])
+            .arg(&tls_log)
+            .arg("hello over tls")
+            .arg(pki.path().join("srv.pem"))
+            .arg(pki.path().join("srv.key"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ca = pki.path().join("ca.pem");
+    let server = Server::start_with_env(
+        &["--session-token-ttl", "12s", "--netns", &corp.name],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
     debian_base(&server, &BASE_PACKAGES);
     let yaml = format!(
         "name: probe\nbuild: {{ dockerfile: Dockerfile }}\nisolation: gvisor\n\
          resources: {{ cpus: 1, memory: 256Mi, disk: 64Mi }}\nstartup_timeout: 60s\n\
-         network:\n  egress: allowlist\n  allow: [\"{service}:8080\"]\n  inject:\n    \
-         - {{ secret: api-key, hosts: [\"{service}:8080\"], tls: false }}\n"
+         network:\n  egress: allowlist\n  allow: [\"{service}:8080\", \"{service}:8443\"]\n  inject:\n    \
+         - {{ secret: api-key, hosts: [\"{service}:8080\"], tls: false }}\n    \
+         - {{ secret: api-key, hosts: [\"{service}:8443\"], header: X-Api-Key }}\n"
     );
     let dir = agent_dir("probe", &yaml);
     deploy(&server, dir.path(), &[]);
     let set_secret = |host: &str| {
         let mut set = Command::new(env!("CARGO_BIN_EXE_hangar"))
             .args(["secrets", "set", "probe", "api-key", "--host", host])
+            .args(["--host", &format!("{service}:8443")])
             .env("HANGAR_URL", server.url(""))
             .env("HANGAR_API_KEY", server.key())
             .stdin(Stdio::piped())
@@ -403,6 +438,18 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     assert_eq!(got[0]["headers"]["authorization"], "Bearer sk-live-4f9a1c");
     // The URL's host, not the one the sandbox wrote: the secret goes where it is bound.
     assert_eq!(got[0]["headers"]["host"], format!("{service}:8080"));
+    // Over TLS that the proxy makes (the agent speaks plain HTTP to its proxy): verified
+    // against the CA Hangar trusts, the secret in the header the binding names.
+    let (code, out, err) = py(
+        &server,
+        &alice,
+        &format!("import urllib.request\nprint(urllib.request.urlopen('http://{service}:8443/secure', timeout=20).read().decode())"),
+    );
+    assert_eq!((code, out.trim()), (0, "hello over tls"), "{err}");
+    let got_tls = recorded(&tls_log);
+    assert_eq!(got_tls.len(), 1, "{got_tls:?}");
+    assert_eq!(got_tls[0]["headers"]["x-api-key"], "sk-live-4f9a1c");
+    assert_eq!(got_tls[0]["path"], "/secure");
     // The admin who set the secret decides where it may go: bound elsewhere, agent.yaml's
     // binding no longer sends it.
     set_secret("api.other.example");

@@ -127,6 +127,7 @@ pub struct Server {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 pub struct Resp {
@@ -150,6 +151,11 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    /// `hangar serve` with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         require_root();
         require("curl", "curl");
         require("mkfs.ext4", "e2fsprogs");
@@ -167,6 +173,10 @@ impl Server {
             port,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn();
         s
@@ -189,6 +199,7 @@ impl Server {
             .arg("--init")
             .arg(init_binary())
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,hangar_sandbox=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -1,8 +1,10 @@
 """A stand-in for a service outside Hangar, run in a network namespace the test made: it
 records each request's method, path and headers as a JSON line in LOG and answers 200 with
-BODY. Usage: recording_server.py ADDR PORT LOG BODY"""
+BODY; over TLS with CERT and KEY when given.
+Usage: recording_server.py ADDR PORT LOG BODY [CERT KEY]"""
 
 import json
+import ssl
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -34,4 +36,9 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = handle_any
 
 
-ThreadingHTTPServer((ADDR, PORT), Handler).serve_forever()
+server = ThreadingHTTPServer((ADDR, PORT), Handler)
+if len(sys.argv) > 6:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[5], sys.argv[6])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
