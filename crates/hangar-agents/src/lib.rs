@@ -288,6 +288,21 @@ impl Agents {
         });
     }
 
+    /// Hands a token to a running sandbox, trying a few times; if it cannot, the scheduler's
+    /// next tick sends a fresh one.
+    async fn hand_token(&self, live: &Live, sandbox: &str, token: String) {
+        for attempt in 1..=3 {
+            match self.inner.sandboxes.set_token(sandbox, token.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(session = %live.id, %sandbox, attempt, error = %e, "cannot hand the session token over");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        *live.token_expires.lock().unwrap() = None;
+    }
+
     /// RFC 8693 token exchange for a sandbox: its session token for an on-behalf-of token of
     /// the session's user, for `audience`. Refused unless the token is valid and is the
     /// session token of the session that `sandbox` serves, which still belongs to that user.
@@ -1295,11 +1310,16 @@ impl Agents {
         }
         let resumed = async {
             // The sandbox gets a fresh token as it resumes: the one it held may have expired
-            // while it was suspended.
-            if let Some(token) = self.mint_token(live).await? {
-                self.inner.sandboxes.set_token(&sandbox, token).await?;
+            // while it was suspended. Recorded first (a cold start writes it before the agent
+            // starts), then handed to the running sandbox (a restored memory holds the old).
+            let token = self.mint_token(live).await?;
+            if let Some(t) = &token {
+                self.inner.sandboxes.set_token(&sandbox, t.clone()).await?;
             }
             self.inner.sandboxes.resume(&sandbox).await?;
+            if let Some(t) = token {
+                self.hand_token(live, &sandbox, t).await;
+            }
             self.wait_agent(&sandbox, info.spec.startup_timeout.0).await
         }
         .await;
@@ -1307,9 +1327,6 @@ impl Agents {
             Ok(()) => {
                 self.set_state(live, SessionState::Running, Some(&sandbox), None, None)
                     .await?;
-                // The resume handed the token over; if that failed, the next scheduler tick
-                // sends a fresh one.
-                *live.token_expires.lock().unwrap() = None;
                 tracing::info!(session = %live.id, %sandbox, "session resumed");
                 Ok(())
             }

@@ -52,9 +52,16 @@ impl Images {
             }
         }
         let iidfile = req.context.scratch().join("iid");
-        let mut cmd =
-            self.buildah()
-                .args(["build", "--layers", "--pull=never", "--isolation", "chroot"]);
+        // `--force-rm`: a failed step's working container (mounted) is removed too, not left
+        // holding a mount and its files until someone cleans up by hand.
+        let mut cmd = self.buildah().args([
+            "build",
+            "--layers",
+            "--force-rm",
+            "--pull=never",
+            "--isolation",
+            "chroot",
+        ]);
         for v in self.host_trust() {
             cmd = cmd.arg("--volume").arg(v);
         }

@@ -682,13 +682,6 @@ impl Sandboxes {
                 return Err(e);
             }
         };
-        // A restored memory holds the token of the suspend; the agent sees the current one
-        // before the sandbox counts as running.
-        if let (Resumed::Memory, Some(token)) = (&how, &rec.token) {
-            if let Err(e) = self.link(&rec).set_token(token).await {
-                tracing::warn!(sandbox = %id, error = %e, "cannot renew the session token after a restore");
-            }
-        }
         let (mode, note) = match how {
             Resumed::Memory => (CheckpointMode::Memory, None),
             Resumed::Filesystem { note } => (CheckpointMode::Filesystem, note),

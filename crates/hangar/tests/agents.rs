@@ -508,7 +508,10 @@ fn idle_sessions_scale_to_zero_and_resume_with_files_and_processes() {
     let pid = probe(&r)["pid"].clone();
 
     let v = wait_state(&server, &s, "suspended", 60);
-    let mode = v["checkpoint"]["mode"].as_str().unwrap().to_owned();
+    let mode = v["checkpoint"]["mode"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no checkpoint: {v}\nserver log:\n{}", server.log()))
+        .to_owned();
     assert!(
         v["checkpoint"]["hash"]
             .as_str()

@@ -503,7 +503,12 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     let state = r.json()["state"].as_str().unwrap().to_owned();
     assert!(state == "running" || state == "idle", "{state}");
     let after = token_file(&server, &alice);
-    verify(&server, &server.url(""), &after).expect("the token after a resume is in date");
+    if let Err(e) = verify(&server, &server.url(""), &after) {
+        panic!(
+            "the token after a resume is not in date: {e}\nserver log:\n{}",
+            server.log()
+        );
+    }
     let (status, answer) = exchange(&server, &alice, "");
     assert_eq!(status, 200, "{answer}");
 
