@@ -48,6 +48,8 @@ pub struct Config {
     pub secrets_key: Option<SecretKey>,
     /// Hangar as its agents' token issuer (needs `secrets_key`, which seals the signing keys).
     pub identity: Option<IdentityConfig>,
+    /// Where idle suspensions are counted.
+    pub metrics: Option<Arc<hangar_metrics::Metrics>>,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             tick: Duration::from_millis(500),
             secrets_key: None,
             identity: None,
+            metrics: None,
         }
     }
 }
@@ -222,6 +225,22 @@ impl Agents {
                 tracing::warn!(agent = %lease.agent, version = lease.version, error = %e, "cannot read a version's guardrails");
                 None
             }
+        }
+    }
+
+    /// Sessions by agent and state, as the API shows states (for the metrics).
+    pub fn session_counts(&self) -> Vec<(String, String, i64)> {
+        let mut by: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for live in self.all_live() {
+            let state = self.view_state(&live).as_str().to_owned();
+            *by.entry((live.agent.clone(), state)).or_default() += 1;
+        }
+        by.into_iter().map(|((a, s), n)| (a, s, n)).collect()
+    }
+
+    pub(crate) fn count_idle_suspension(&self, agent: &str) {
+        if let Some(m) = &self.inner.cfg.metrics {
+            m.idle_suspension(agent);
         }
     }
 

@@ -72,6 +72,7 @@ async fn idle_pass(agents: &Agents) {
         tokio::spawn(async move {
             match agents.suspend_if_idle(&live, Some(timeout)).await {
                 Ok(Some(())) => {
+                    agents.count_idle_suspension(&live.agent);
                     tracing::info!(session = %live.id, idle = ?idle, "idle session scaled to zero")
                 }
                 Ok(None) => {}

@@ -236,6 +236,15 @@ pub async fn record(
         request_id: Some(id),
         detail,
     };
+    if let Some(protocol) = entry.action.strip_prefix("session.invoke.") {
+        let version = resp.extensions().get::<AgentVersion>().map(|v| v.0);
+        st.metrics.request(
+            entry.agent.as_deref().unwrap_or_default(),
+            version,
+            protocol,
+            resp.status().as_u16(),
+        );
+    }
     if entry.action.starts_with("session.invoke.") {
         // A call to an agent is on the hot path: its record is written beside the answer
         // (appends still happen one at a time, in the order they were made).
@@ -247,6 +256,11 @@ pub async fn record(
     }
     resp
 }
+
+/// The version of the agent that answered a data-plane request (a response extension, for
+/// the metrics).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentVersion(pub i64);
 
 /// `{param}` segments of a route template matched against the path.
 fn path_params(route: &str, path: &str) -> Vec<(String, String)> {

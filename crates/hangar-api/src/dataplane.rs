@@ -475,8 +475,10 @@ pub(crate) async fn forward(
                 if let Some(k) = keep {
                     k.pool.put(k.socket, k.sender);
                 }
+                let version = crate::audit::AgentVersion(lease.version);
                 drop(lease);
                 let mut resp = Response::new(Body::from(bytes));
+                resp.extensions_mut().insert(version);
                 *resp.status_mut() = parts.status;
                 out_headers.remove(header::CONTENT_LENGTH);
                 *resp.headers_mut() = out_headers;
@@ -497,6 +499,7 @@ pub(crate) async fn forward(
         // The stream may grow by a `[DONE]`: its length is no longer the agent's.
         out_headers.remove(header::CONTENT_LENGTH);
     }
+    let version = crate::audit::AgentVersion(lease.version);
     let mut resp = Response::new(Body::new(Relay {
         body,
         _lease: lease,
@@ -508,6 +511,7 @@ pub(crate) async fn forward(
     }));
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = out_headers;
+    resp.extensions_mut().insert(version);
     Ok(resp)
 }
 

@@ -94,6 +94,7 @@ fn blocked(detectors: &[String]) -> Response {
 }
 
 async fn audit(st: &AppState, guard: &OutputGuard, whose: &Whose, detectors: &[String]) {
+    st.metrics.dlp_hit(&whose.agent);
     let action = serde_json::to_value(guard.action).unwrap_or_default();
     st.audit
         .record(hangar_store::AuditEntry {

@@ -47,6 +47,10 @@ pub struct AppState {
     pub channels: std::sync::Arc<Channels>,
     /// The largest file upload accepted, in bytes.
     pub max_upload: u64,
+    /// The server's metrics (`/metrics`).
+    pub metrics: std::sync::Arc<hangar_metrics::Metrics>,
+    /// The data directory (the host's disk figures in `/metrics`).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Session operations, under `/v1/sessions/{id}` and `/v1/agents/{name}/sessions/{id}`.
@@ -68,6 +72,29 @@ fn session_routes() -> Router<AppState> {
         .route("/files/mkdir", post(agents::mkdir))
 }
 
+/// `GET /metrics`: Prometheus text, with sessions and the host as they are now.
+async fn metrics(
+    axum::extract::State(st): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let sessions = st.agents.session_counts();
+    let sandboxes = st.sandboxes.counts().await;
+    let dir = st.data_dir.clone();
+    let mut host = tokio::task::spawn_blocking(move || hangar_metrics::host_stats(&dir))
+        .await
+        .unwrap_or_default();
+    host.sandboxes = sandboxes;
+    let text = st.metrics.encode(&sessions, &host);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            hangar_metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response()
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
@@ -80,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/.well-known/jwks.json", get(identity::jwks))
         .route("/v1/doctor", get(sandboxes::doctor))
+        .route("/metrics", get(metrics))
         // images.rs: build, import, bootstrap, list.
         .route("/v1/images", get(images::list))
         .route("/v1/images/build", post(images::build))

@@ -50,6 +50,8 @@ pub struct Config {
     pub vm_kernel: Option<PathBuf>,
     /// The `vm` driver's accelerator, instead of probing for KVM.
     pub vm_accel: Option<Accel>,
+    /// Where lifecycle operations' durations are counted.
+    pub metrics: Option<Arc<hangar_metrics::Metrics>>,
     /// The host network namespaces sandboxes may attach their egress to (`network.attach`):
     /// the operator's choice, since a namespace reaches whatever its network reaches.
     pub attachable: Vec<String>,
@@ -436,6 +438,7 @@ impl Sandboxes {
             Ok(()) => {
                 guard.sandbox.state = SandboxState::Running;
                 self.save(&guard)?;
+                self.measured(kind, "create", t0);
                 Ok(guard.sandbox.clone())
             }
             Err(e) => {
@@ -640,6 +643,7 @@ impl Sandboxes {
         });
         rec.sandbox.state = SandboxState::Suspended;
         self.save(&rec)?;
+        self.measured(rec.sandbox.driver, "suspend", t0);
         Ok(rec.sandbox.clone())
     }
 
@@ -695,7 +699,27 @@ impl Sandboxes {
         rec.sandbox.state = SandboxState::Running;
         rec.sandbox.error = None;
         self.save(&rec)?;
+        self.measured(rec.sandbox.driver, "resume", t0);
         Ok(rec.sandbox.clone())
+    }
+
+    fn measured(&self, driver: DriverKind, operation: &str, since: Instant) {
+        if let Some(m) = &self.inner.cfg.metrics {
+            m.sandbox_operation(driver.as_str(), operation, since.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Sandboxes by state (for the metrics).
+    pub async fn counts(&self) -> Vec<(String, i64)> {
+        let mut by: std::collections::BTreeMap<String, i64> = Default::default();
+        for sb in self.list().await {
+            let state = serde_json::to_value(sb.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            *by.entry(state).or_default() += 1;
+        }
+        by.into_iter().collect()
     }
 
     /// Whether sandboxes may attach their egress to network namespace `name`: one the operator

@@ -156,6 +156,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let secrets_key = hangar_agents::SecretKey::load_or_create(&data_dir.join("secrets.key"))
         .map_err(|e| anyhow::anyhow!("the key for secrets: {e}"))?;
+    let metrics = std::sync::Arc::new(hangar_metrics::Metrics::new());
     let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(4096);
     let egress = hangar_sandbox::egress::Shared {
         log: Some(egress_tx),
@@ -178,6 +179,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         vm_accel: vm_accel(&args.vm_accel),
         egress: egress.clone(),
         attachable: args.netns,
+        metrics: Some(metrics.clone()),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -188,6 +190,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         hangar_agents::Config {
             max_running: args.max_running,
             secrets_key: Some(secrets_key),
+            metrics: Some(metrics.clone()),
             identity: Some(hangar_agents::IdentityConfig {
                 session_ttl: args.session_token_ttl,
                 ..hangar_agents::IdentityConfig::new(issuer)
@@ -212,7 +215,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     keys.ensure_admin(&data_dir)
         .await
         .map_err(|e| anyhow::anyhow!("the admin key: {e}"))?;
-    tokio::spawn(record_egress(egress_rx, agents.clone(), audit.clone()));
+    tokio::spawn(record_egress(
+        egress_rx,
+        agents.clone(),
+        audit.clone(),
+        metrics.clone(),
+    ));
     let state = hangar_api::AppState {
         sandboxes,
         images,
@@ -225,6 +233,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ),
         channels: Default::default(),
         max_upload: args.max_upload_mib * 1024 * 1024,
+        metrics,
+        data_dir: data_dir.clone(),
     };
     // Sandboxes reach Hangar's identity endpoints at http://hangar.internal via their proxy.
     let _ = egress
@@ -261,9 +271,15 @@ async fn record_egress(
     mut events: tokio::sync::mpsc::Receiver<hangar_sandbox::egress::EgressEvent>,
     agents: hangar_agents::Agents,
     audit: std::sync::Arc<hangar_api::Audit>,
+    metrics: std::sync::Arc<hangar_metrics::Metrics>,
 ) {
     while let Some(e) = events.recv().await {
         let (agent, session) = agents.session_of_sandbox(&e.sandbox).unzip();
+        let name = agent.as_deref().unwrap_or_default();
+        metrics.egress(name, e.allowed, e.bytes_out, e.bytes_in);
+        if !e.dlp.is_empty() {
+            metrics.dlp_hit(name);
+        }
         if !e.dlp.is_empty() {
             audit
                 .record(hangar_store::AuditEntry {
