@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// third of it is left.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     session_token_ttl: std::time::Duration,
+    /// `text` for people, `json` (one object per line) for log collectors.
+    #[arg(long, env = "HANGAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -109,12 +112,16 @@ pub fn vm_accel(s: &str) -> Option<hangar_sandbox::vm::qemu::Accel> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format.as_str() {
+        // One JSON object per line: timestamp, level, target, message and the event's fields.
+        "json" => logs.json().flatten_event(true).init(),
+        _ => logs.init(),
+    }
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     let init = match args.init {
         Some(p) => p,

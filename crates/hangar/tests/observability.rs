@@ -193,3 +193,25 @@ fn metrics_parse_and_move_with_requests_and_sandboxes() {
     );
     assert_eq!(value(&resumed, "hangar_requests_total", &ok), 4.0);
 }
+
+/// `--log-format json`: every line Hangar logs is one JSON object with its time, level,
+/// source and message.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let server = Server::start_with(&["--log-format", "json"]);
+    let r = server.call("GET", "/v1/agents", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    let mut serving = false;
+    for line in lines {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\nwhole log:\n{log}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(v.get(key).is_some(), "no {key} in {line}");
+        }
+        serving |= v["message"] == "hangar serving" && v["listen"].is_string();
+    }
+    assert!(serving, "{log}");
+}
