@@ -9,8 +9,16 @@ use serde_json::json;
 
 const COUNTER: &str = "sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' >/dev/null 2>&1 &";
 
+/// The counter's value. The writer truncates the file before each write (`echo > file`), so
+/// a read can land between the two and see it empty: read again then.
 fn counter(s: &Server, id: &str) -> u64 {
-    s.sh(id, "cat /tmp/counter").trim().parse().unwrap()
+    for _ in 0..50 {
+        if let Ok(n) = s.sh(id, "cat /tmp/counter").trim().parse() {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("/tmp/counter stayed empty");
 }
 
 /// Waits (bounded) until the counter is past `above`: a loaded machine may take a while to
