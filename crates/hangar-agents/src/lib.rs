@@ -532,22 +532,7 @@ impl Agents {
             },
             vec![],
         )
-        .and_then(|p| {
-            p.with_injections(
-                &req.spec
-                    .network
-                    .inject
-                    .iter()
-                    .map(|i| SecretInjection {
-                        hosts: i.hosts.clone(),
-                        header: i.header.clone(),
-                        format: i.format(),
-                        secret: String::new(),
-                        tls: i.tls,
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        })
+        .and_then(|p| p.with_injections(&injections(name, &req.spec)))
         .map_err(|e| AgentsError::Invalid(format!("network: {e}")))?;
         if req.spec.name != name {
             return Err(AgentsError::Invalid(format!(
@@ -816,18 +801,7 @@ impl Agents {
                         attach: spec.network.attach.clone(),
                     },
                     command: None,
-                    inject: spec
-                        .network
-                        .inject
-                        .iter()
-                        .map(|i| SecretInjection {
-                            hosts: i.hosts.clone(),
-                            header: i.header.clone(),
-                            format: i.format(),
-                            secret: SecretVault::reference(agent, &i.secret),
-                            tls: i.tls,
-                        })
-                        .collect(),
+                    inject: injections(agent, spec),
                     token,
                     dlp: (!spec.guardrails.is_empty()
                         && spec.guardrails.egress == hangar_proto::agent::EgressAction::Block)
@@ -1712,6 +1686,21 @@ fn version_view(row: VersionRow) -> Result<Version, AgentsError> {
         created_at: row.created_at,
         unchanged: false,
     })
+}
+
+/// What the egress proxy of `agent`'s sessions adds to requests (`network.inject`).
+fn injections(agent: &str, spec: &AgentSpec) -> Vec<SecretInjection> {
+    spec.network
+        .inject
+        .iter()
+        .map(|i| SecretInjection {
+            hosts: i.hosts.clone(),
+            header: i.header.clone(),
+            format: i.format(),
+            secret: SecretVault::reference(agent, &i.secret),
+            tls: i.tls,
+        })
+        .collect()
 }
 
 /// The detectors of a spec's guardrails, built; `None` without guardrails.

@@ -74,7 +74,7 @@ pub(crate) async fn tcp_conn(authority: &str) -> anyhow::Result<SendRequest<Full
     Ok(sender)
 }
 
-async fn unix_conn(path: &std::path::Path) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+pub(crate) async fn unix_conn(path: &std::path::Path) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     let s = tokio::net::UnixStream::connect(path)
         .await
         .with_context(|| format!("connecting to {}", path.display()))?;

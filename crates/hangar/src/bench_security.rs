@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use hangar_proto::agent::{Session, SESSION_HEADER, USER_HEADER};
 
-use crate::bench_agents::{stats, tcp_conn};
+use crate::bench_agents::{stats, tcp_conn, unix_conn};
 use crate::client::Client;
 
 #[derive(Args)]
@@ -275,16 +275,9 @@ pub async fn run(url: &str, b: SecurityBench) -> anyhow::Result<ExitCode> {
         .join("sandboxes")
         .join(&sandbox)
         .join("run/agent.sock");
-    let unix = || async {
-        let s = tokio::net::UnixStream::connect(&socket)
-            .await
-            .with_context(|| format!("{} (pass the server's --data-dir)", socket.display()))?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await?;
-        tokio::spawn(conn);
-        anyhow::Ok(sender)
-    };
-    let mut direct = unix().await?;
+    let mut direct = unix_conn(&socket)
+        .await
+        .context("pass the server's --data-dir")?;
     let mut with_key = tcp_conn(&authority).await?;
     let mut with_jwt = tcp_conn(&authority).await?;
     let (mut raw, mut via_key, mut via_jwt) = (vec![], vec![], vec![]);

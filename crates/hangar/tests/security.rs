@@ -197,6 +197,16 @@ fn verify(server: &Server, audience: &str, token: &str) -> Result<Value, String>
     }
 }
 
+/// Sends every new session to version 2.
+fn all_traffic_to_v2(server: &Server) {
+    let r = server.call(
+        "PUT",
+        "/v1/agents/probe/traffic",
+        Some(&json!({"weights": {"1": 0, "2": 100}})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 fn session_of(r: &common::agents::HResp) -> String {
     assert_eq!(r.status, 200, "{}", r.text());
     r.header("x-agent-session-id").unwrap().to_owned()
@@ -540,12 +550,7 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     assert!(err.contains("--netns"), "{err}");
     let dir = agent_dir("probe", &yaml);
     deploy(&server, dir.path(), &[]);
-    let r = server.call(
-        "PUT",
-        "/v1/agents/probe/traffic",
-        Some(&json!({"weights": {"1": 0, "2": 100}})),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    all_traffic_to_v2(&server);
     let carol = session_of(&respond(&server, "probe", "carol", &json!({"input": "hi"})));
     let fetch = |session: &str, url: &str| {
         py(
@@ -739,12 +744,7 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
     // `output: block` withholds the answer instead.
     let dir = agent_dir("probe", &yaml("block"));
     deploy(&server, dir.path(), &[]);
-    let r = server.call(
-        "PUT",
-        "/v1/agents/probe/traffic",
-        Some(&json!({"weights": {"1": 0, "2": 100}})),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    all_traffic_to_v2(&server);
     let r = respond(&server, "probe", "bob", &json!({"input": leaky}));
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "output_blocked");
