@@ -1310,8 +1310,12 @@ impl Agents {
                 self.inner.sandboxes.set_token(&sandbox, t.clone()).await?;
             }
             self.inner.sandboxes.resume(&sandbox).await?;
-            if let Some(t) = token {
-                self.hand_token(live, &sandbox, t).await;
+            // Minted again: a resume can take longer than a short token lives (a failed
+            // restore falls back to a cold start).
+            if token.is_some() {
+                if let Some(t) = self.mint_token(live).await? {
+                    self.hand_token(live, &sandbox, t).await;
+                }
             }
             self.wait_agent(&sandbox, info.spec.startup_timeout.0).await
         }
