@@ -21,6 +21,7 @@ packages=(
   debootstrap      # `hangar images bootstrap debian:bookworm`
   python3          # the tests' clients (the openai SDK)
   python3-venv     # a venv for the tests' Python packages
+  chromium         # the dashboard tests' headless browser (driven by Playwright)
 )
 
 missing=()

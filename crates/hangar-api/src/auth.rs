@@ -394,8 +394,13 @@ async fn oidc_user(st: &AppState, path: &str, token: String) -> Result<String, R
 /// not name one.
 pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
-    // Health, and Hangar's public keys (what a tool needs to check an agent's token).
-    if path == "/healthz" || path.starts_with("/.well-known/") {
+    // Health, Hangar's public keys (what a tool needs to check an agent's token), and the
+    // dashboard's static shell (its data comes from the API, with the key).
+    if path == "/healthz"
+        || path.starts_with("/.well-known/")
+        || path == "/ui"
+        || path.starts_with("/ui/")
+    {
         return next.run(req).await;
     }
     let channel = path.starts_with("/agents/") && path.ends_with("/api/messages");

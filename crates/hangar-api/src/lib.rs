@@ -15,6 +15,8 @@ mod idp;
 mod images;
 mod mapping;
 mod sandboxes;
+mod stats;
+mod ui;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -29,6 +31,7 @@ pub use idp::IdentityProviders;
 /// The JWT algorithms `IdentityProviders::verify_jwt` takes.
 pub use jsonwebtoken::Algorithm as JwtAlgorithm;
 pub use mapping::Channels;
+pub use stats::Stats;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -51,6 +54,8 @@ pub struct AppState {
     pub metrics: std::sync::Arc<hangar_metrics::Metrics>,
     /// The data directory (the host's disk figures in `/metrics`).
     pub data_dir: std::path::PathBuf,
+    /// Recent data-plane requests per agent and version (the dashboard's rates and latencies).
+    pub stats: std::sync::Arc<Stats>,
 }
 
 /// Session operations, under `/v1/sessions/{id}` and `/v1/agents/{name}/sessions/{id}`.
@@ -108,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(identity::jwks))
         .route("/v1/doctor", get(sandboxes::doctor))
         .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats::get))
         // images.rs: build, import, bootstrap, list.
         .route("/v1/images", get(images::list))
         .route("/v1/images/build", post(images::build))
@@ -197,5 +203,7 @@ pub fn router(state: AppState) -> Router {
                 "no such endpoint",
             )
         })
+        // The dashboard's static shell (no data in it; its API calls carry the key).
+        .merge(ui::router())
         .with_state(state)
 }

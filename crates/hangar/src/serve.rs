@@ -242,6 +242,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_upload: args.max_upload_mib * 1024 * 1024,
         metrics,
         data_dir: data_dir.clone(),
+        stats: Default::default(),
     };
     // Sandboxes reach Hangar's identity endpoints at http://hangar.internal via their proxy.
     let _ = egress
