@@ -12,11 +12,13 @@ mod audit;
 mod egress;
 mod keys;
 mod signing_keys;
+mod traces;
 
 pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, GENESIS};
 pub use egress::EgressRecord;
 pub use keys::KeyRow;
 pub use signing_keys::SigningKeyRow;
+pub use traces::{SessionEvent, SpanRow, TraceFilter, TraceSummary};
 
 use std::path::Path;
 
@@ -401,6 +403,7 @@ impl Store {
     }
 
     pub async fn create_session(&self, s: &SessionRow) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sessions (id, agent, version, isolation_key, state, sandbox_id, created_at, last_activity, checkpoint, error)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -415,8 +418,15 @@ impl Store {
         .bind(&s.last_activity)
         .bind(s.checkpoint.as_ref().map(serde_json::to_string).transpose()?)
         .bind(&s.error)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query("INSERT INTO session_events (session, at, kind) VALUES (?, ?, ?)")
+            .bind(&s.id)
+            .bind(&s.created_at)
+            .bind(&s.state)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -481,6 +491,19 @@ impl Store {
         checkpoint: Option<&serde_json::Value>,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A change of state is one of the session's events (its timeline).
+        sqlx::query(
+            "INSERT INTO session_events (session, at, kind, detail)
+             SELECT id, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?, ? FROM sessions
+             WHERE id = ? AND state != ?",
+        )
+        .bind(state)
+        .bind(error.map(|e| serde_json::json!({ "error": e }).to_string()))
+        .bind(id)
+        .bind(state)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "UPDATE sessions SET state = ?, sandbox_id = ?, checkpoint = ?, error = ? WHERE id = ?",
         )
@@ -489,8 +512,9 @@ impl Store {
         .bind(checkpoint.map(serde_json::to_string).transpose()?)
         .bind(error)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
