@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use hangar_proto::agent::{Agent, AgentSpec, DeployRequest, Session, SessionState, Version};
 use hangar_proto::sandbox::{Checkpoint, CreateSandbox, Egress, SandboxState, SecretInjection};
@@ -136,6 +137,13 @@ pub struct Lease {
     pub version: i64,
     /// The host side of the session's `agent.sock`.
     pub socket: PathBuf,
+}
+
+impl Lease {
+    /// The end user whose session this is.
+    pub fn isolation_key(&self) -> &str {
+        &self.live.isolation_key
+    }
 }
 
 impl Drop for Lease {
@@ -717,6 +725,12 @@ impl Agents {
     /// Makes a session: its row (`creating`), room under the node's cap, its sandbox, and
     /// the agent's readiness. With `lease`, the first request's lease is taken under the
     /// session's lock, so that nothing can suspend it before that request arrives.
+    #[tracing::instrument(
+        name = "create_session",
+        target = "hangar::trace",
+        skip_all,
+        fields(gen_ai.agent.name = %agent, hangar.session.id = tracing::field::Empty)
+    )]
     async fn new_session(
         &self,
         agent: &str,
@@ -738,6 +752,7 @@ impl Agents {
         };
         let info = self.version_info(agent, version).await?;
         let id = format!("sess_{}", random_hex(12));
+        tracing::Span::current().record("hangar.session.id", id.as_str());
         let now = now_rfc3339();
         let row = SessionRow {
             id: id.clone(),
@@ -787,6 +802,21 @@ impl Agents {
             // value of it to mean Foundry's cloud and then refuse to start without a Foundry
             // project endpoint. Agents learn where they run from HANGAR_SESSION_ID instead.
             env.insert("HANGAR_SESSION_ID".into(), id.clone());
+            // The agent's own spans go to Hangar (through its proxy), which keeps them beside
+            // its own and forwards them; an agent.yaml that names a collector keeps it.
+            for (k, v) in [
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://hangar.internal"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_SERVICE_NAME", agent),
+            ] {
+                env.entry(k.into()).or_insert_with(|| v.into());
+            }
+            let start = tracing::info_span!(
+                target: "hangar::trace",
+                "start_sandbox",
+                hangar.driver = %spec.isolation.as_str(),
+                hangar.sandbox.id = tracing::field::Empty,
+            );
             let sb = self
                 .inner
                 .sandboxes
@@ -810,7 +840,9 @@ impl Agents {
                             patterns: spec.guardrails.patterns.clone(),
                         }),
                 })
+                .instrument(start.clone())
                 .await?;
+            start.record("hangar.sandbox.id", sb.id.as_str());
             let started = async {
                 self.inner
                     .store
@@ -1273,6 +1305,16 @@ impl Agents {
         .await
     }
 
+    #[tracing::instrument(
+        name = "resume_session",
+        target = "hangar::trace",
+        skip_all,
+        fields(
+            gen_ai.agent.name = %live.agent,
+            hangar.session.id = %live.id,
+            hangar.resume.mode = tracing::field::Empty,
+        )
+    )]
     async fn resume_locked(&self, live: &Live) -> Result<(), AgentsError> {
         let row = self
             .inner
@@ -1309,7 +1351,38 @@ impl Agents {
             if let Some(t) = &token {
                 self.inner.sandboxes.set_token(&sandbox, t.clone()).await?;
             }
-            self.inner.sandboxes.resume(&sandbox).await?;
+            let restore = tracing::info_span!(
+                target: "hangar::trace",
+                "restore_sandbox",
+                hangar.driver = %info.spec.isolation.as_str(),
+                hangar.sandbox.id = %sandbox,
+                hangar.resume.mode = tracing::field::Empty,
+                hangar.resume.note = tracing::field::Empty,
+            );
+            let sb = self
+                .inner
+                .sandboxes
+                .resume(&sandbox)
+                .instrument(restore.clone())
+                .await?;
+            if let Some(r) = &sb.last_resume {
+                let mode = serde_json::to_value(r.mode).unwrap_or_default();
+                let mode = mode.as_str().unwrap_or_default();
+                restore.record("hangar.resume.mode", mode);
+                tracing::Span::current().record("hangar.resume.mode", mode);
+                if let Some(note) = &r.note {
+                    restore.record("hangar.resume.note", note.as_str());
+                }
+                let detail = serde_json::json!({"mode": mode, "took_ms": r.took_ms, "note": r.note});
+                if let Err(e) = self
+                    .inner
+                    .store
+                    .session_event(&live.id, &r.at, "restored", Some(&detail))
+                    .await
+                {
+                    tracing::warn!(session = %live.id, error = %e, "cannot record the resume");
+                }
+            }
             // Minted again: a resume can take longer than a short token lives (a failed
             // restore falls back to a cold start).
             if token.is_some() {
@@ -1675,7 +1748,8 @@ impl Agents {
 async fn detached<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T, AgentsError>> + Send + 'static,
 ) -> Result<T, AgentsError> {
-    tokio::spawn(f).await.map_err(|e| {
+    // The task stays in the caller's span (a request's trace shows its session's work).
+    tokio::spawn(tracing::Instrument::in_current_span(f)).await.map_err(|e| {
         AgentsError::Sandbox(SandboxError::Internal(format!("session task failed: {e}")))
     })?
 }

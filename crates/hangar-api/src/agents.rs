@@ -466,3 +466,20 @@ pub async fn session_egress(
         .map_err(hangar_agents::AgentsError::from)?;
     Ok(Json(serde_json::json!({ "egress": egress })).into_response())
 }
+
+/// `GET /v1/sessions/{id}/events`: the session's state changes and resumes, oldest first.
+pub async fn session_events(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = session_ref(&st, &params, &headers).await?;
+    st.agents.session(&r.id, r.user.as_deref()).await?;
+    let events = st
+        .agents
+        .store()
+        .session_events(&r.id, 10_000)
+        .await
+        .map_err(hangar_agents::AgentsError::from)?;
+    Ok(Json(serde_json::json!({ "events": events })).into_response())
+}

@@ -116,6 +116,8 @@ fn action_for(method: &Method, route: &str) -> Option<String> {
         ("GET", r) if r.ends_with("/files/content") => "session.files.read",
         ("GET", r) if r.ends_with("/logs") => "session.logs",
         ("GET" | "HEAD", _) => return None,
+        // Spans are telemetry, not changes.
+        ("POST", "/v1/traces") => return None,
         ("POST", "/v1/images/build") => "image.build",
         ("POST", "/v1/images/import") => "image.import",
         ("POST", "/v1/images/bootstrap") => "image.bootstrap",
@@ -196,10 +198,31 @@ pub async fn record(
         (None, None) => "channel".to_owned(),
     };
     let params = path_params(&route, &path);
-    let mut resp = next.run(req).await;
+    let action = action_for(&method, &route);
+    // Every call to an agent is a trace (or a span of the caller's).
+    let invoke = action
+        .as_deref()
+        .and_then(|a| a.strip_prefix("session.invoke."))
+        .map(|protocol| {
+            let agent = params
+                .iter()
+                .find(|(k, _)| k == "name")
+                .map_or("", |(_, v)| v.as_str());
+            crate::telemetry::invoke_span(agent, protocol, req.headers())
+        });
+    let mut resp = match &invoke {
+        Some(span) => {
+            use tracing::Instrument;
+            next.run(req).instrument(span.clone()).await
+        }
+        None => next.run(req).await,
+    };
+    if let Some(span) = &invoke {
+        crate::telemetry::finished(span, resp.status());
+    }
     resp.headers_mut()
         .insert(HeaderName::from_static(REQUEST_ID_HEADER), id_value);
-    let Some(action) = action_for(&method, &route) else {
+    let Some(action) = action else {
         return resp;
     };
     let session = resp

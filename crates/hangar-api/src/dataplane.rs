@@ -105,6 +105,7 @@ pub async fn responses(
         agent: name,
         isolation_key: user,
         session: lease.session_id.clone(),
+        span: tracing::Span::current(),
     };
     let resp = forward(
         &st.pool,
@@ -374,6 +375,8 @@ pub(crate) async fn forward(
     capture: Option<Capture>,
 ) -> Result<Response, ApiError> {
     let session = session_value(&lease);
+    crate::telemetry::leased(&lease);
+    let proxy = crate::telemetry::proxy_span(method.as_str(), path);
     let uri = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
@@ -390,6 +393,8 @@ pub(crate) async fn forward(
             .insert(header::HOST, HeaderValue::from_static("localhost"));
         req.headers_mut()
             .insert(HeaderName::from_static(SESSION_HEADER), session.clone());
+        // After the caller's headers: the agent's parent span is Hangar's call to it.
+        crate::telemetry::inject(&proxy, req.headers_mut());
         Ok(req)
     };
     let (sender, resp) = match body {
@@ -437,6 +442,7 @@ pub(crate) async fn forward(
         sender,
     });
     let (parts, body) = resp.into_parts();
+    proxy.record("http.response.status_code", parts.status.as_u16());
     let mut out_headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut out_headers);
     out_headers.insert(HeaderName::from_static(SESSION_HEADER), session);
@@ -466,11 +472,11 @@ pub(crate) async fn forward(
             }
             if whole {
                 let bytes = buf.freeze();
-                if let Some(id) = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
-                {
-                    c.remember(id).await;
+                if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    crate::telemetry::record_usage(&c.span, &answer);
+                    if let Some(id) = answer.get("id").and_then(|i| i.as_str()) {
+                        c.remember(id.to_owned()).await;
+                    }
                 }
                 if let Some(k) = keep {
                     k.pool.put(k.socket, k.sender);
@@ -491,6 +497,7 @@ pub(crate) async fn forward(
             capture: c,
             line: Vec::new(),
             done: false,
+            usage: false,
         }),
         _ => None,
     };
@@ -503,6 +510,7 @@ pub(crate) async fn forward(
     let mut resp = Response::new(Body::new(Relay {
         body,
         _lease: lease,
+        _span: proxy,
         sniff,
         watch,
         held: None,
@@ -519,6 +527,7 @@ pub(crate) async fn forward(
 async fn upgrade(lease: Lease, req: &mut Request, path: &str) -> Result<Response, ApiError> {
     let client_upgrade = hyper::upgrade::on(&mut *req);
     let session = session_value(&lease);
+    crate::telemetry::leased(&lease);
     let mut sender = hangar_agents::connect::<Body>(&lease.socket)
         .await
         .map_err(upstream_error)?;
@@ -541,6 +550,7 @@ async fn upgrade(lease: Lease, req: &mut Request, path: &str) -> Result<Response
         .insert(header::HOST, HeaderValue::from_static("localhost"));
     out.headers_mut()
         .insert(HeaderName::from_static(SESSION_HEADER), session.clone());
+    crate::telemetry::inject(&tracing::Span::current(), out.headers_mut());
     let mut resp = sender.send_request(out).await.map_err(upstream_error)?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
@@ -582,10 +592,14 @@ pub(crate) struct Capture {
     pub agent: String,
     pub isolation_key: String,
     pub session: String,
+    /// The request's `invoke_agent` span (the response's id and usage go on it).
+    pub span: tracing::Span,
 }
 
 impl Capture {
     async fn remember(&self, response_id: String) {
+        self.span
+            .record("gen_ai.response.id", response_id.as_str());
         if let Err(e) = self
             .agents
             .remember(
@@ -606,7 +620,14 @@ impl Capture {
 struct Sniffer {
     capture: Capture,
     line: Vec<u8>,
+    /// The response's id was found.
     done: bool,
+    /// Its usage was found (in the terminal event).
+    usage: bool,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The longest SSE line looked at for a response id (`response.created` is small; a longer
@@ -616,9 +637,10 @@ const MAX_SNIFF_LINE: usize = 64 * 1024;
 impl Sniffer {
     /// The response id, if this chunk completes the line that names it.
     fn feed(&mut self, data: &[u8]) -> Option<String> {
+        let mut found = None;
         for &b in data {
-            if self.done {
-                return None;
+            if self.done && self.usage {
+                break;
             }
             if b != b'\n' {
                 if self.line.len() < MAX_SNIFF_LINE {
@@ -630,19 +652,32 @@ impl Sniffer {
             let Some(payload) = line.strip_prefix(b"data:") else {
                 continue;
             };
+            // Only the events that matter are parsed: the first naming the response, and
+            // the terminal one (with the usage).
+            let terminal = contains(payload, b"\"response.completed\"")
+                || contains(payload, b"\"response.incomplete\"")
+                || contains(payload, b"\"response.failed\"");
+            if self.done && !terminal {
+                continue;
+            }
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
                 continue;
             };
-            if let Some(id) = v
-                .get("response")
-                .and_then(|r| r.get("id"))
-                .and_then(|i| i.as_str())
-            {
-                self.done = true;
-                return Some(id.to_owned());
+            let Some(response) = v.get("response") else {
+                continue;
+            };
+            if terminal && !self.usage {
+                self.usage = true;
+                crate::telemetry::record_usage(&self.capture.span, response);
+            }
+            if !self.done {
+                if let Some(id) = response.get("id").and_then(|i| i.as_str()) {
+                    self.done = true;
+                    found = Some(id.to_owned());
+                }
             }
         }
-        None
+        found
     }
 }
 
@@ -767,6 +802,8 @@ type Pending = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 struct Relay {
     body: Incoming,
     _lease: Lease,
+    /// The call's span ends with its answer's body.
+    _span: tracing::Span,
     sniff: Option<Sniffer>,
     /// Watches an OpenResponses stream for its closing `data: [DONE]`.
     watch: Option<DoneWatch>,

@@ -197,11 +197,19 @@ fn internal_router(state: AppState) -> Router {
         )
         .route("/.well-known/jwks.json", get(jwks))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        // The agent's own spans (its OTEL_EXPORTER_OTLP_ENDPOINT points here); batches are
+        // larger than the other requests.
+        .route(
+            "/v1/traces",
+            post(crate::telemetry::receive_internal).layer(
+                axum::extract::DefaultBodyLimit::max(crate::telemetry::MAX_OTLP),
+            ),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "hangar.internal serves /oauth2/token and /.well-known/",
+                "hangar.internal serves /oauth2/token, /v1/traces and /.well-known/",
             )
         })
         .with_state(state)

@@ -16,6 +16,7 @@ mod images;
 mod mapping;
 mod sandboxes;
 mod stats;
+mod telemetry;
 mod ui;
 
 use axum::routing::{get, post};
@@ -56,6 +57,8 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Recent data-plane requests per agent and version (the dashboard's rates and latencies).
     pub stats: std::sync::Arc<Stats>,
+    /// The trace store's queue; `None` with `hangar serve --tracing off`.
+    pub telemetry: Option<hangar_telemetry::Telemetry>,
 }
 
 /// Session operations, under `/v1/sessions/{id}` and `/v1/agents/{name}/sessions/{id}`.
@@ -67,6 +70,7 @@ fn session_routes() -> Router<AppState> {
         .route("/exec", post(agents::exec))
         .route("/logs", get(agents::logs))
         .route("/egress", get(agents::session_egress))
+        .route("/events", get(agents::session_events))
         .route(
             "/files/content",
             get(agents::read_file)
@@ -114,6 +118,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/doctor", get(sandboxes::doctor))
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats::get))
+        .route(
+            "/v1/traces",
+            get(telemetry::list).post(telemetry::receive).layer(
+                axum::extract::DefaultBodyLimit::max(telemetry::MAX_OTLP),
+            ),
+        )
+        .route("/v1/traces/{trace_id}", get(telemetry::get))
         // images.rs: build, import, bootstrap, list.
         .route("/v1/images", get(images::list))
         .route("/v1/images/build", post(images::build))

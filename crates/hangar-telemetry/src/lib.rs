@@ -65,10 +65,12 @@ pub struct Counters {
     pub forward_failed: AtomicU64,
 }
 
-/// The queue into the trace store (cheap to clone).
+/// The queue into the trace store (cheap to clone). Made before the store is open (the
+/// tracing layer is set up first); what is queued waits for [`Telemetry::start`].
 #[derive(Clone)]
 pub struct Telemetry {
     tx: mpsc::Sender<Batch>,
+    rx: Arc<std::sync::Mutex<Option<mpsc::Receiver<Batch>>>>,
     counters: Arc<Counters>,
 }
 
@@ -81,18 +83,62 @@ const QUEUE: usize = 1024;
 const FORWARD_QUEUE: usize = 256;
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Telemetry {
-    /// Starts the store-and-forward tasks (on the current tokio runtime).
-    pub fn start(cfg: Config) -> Telemetry {
+    pub fn new() -> Telemetry {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let counters = Arc::new(Counters::default());
+        Telemetry {
+            tx,
+            rx: Arc::new(std::sync::Mutex::new(Some(rx))),
+            counters: Default::default(),
+        }
+    }
+
+    /// Starts the store-and-forward tasks (on the current tokio runtime); once.
+    pub fn start(&self, cfg: Config) {
+        let Some(rx) = self.rx.lock().unwrap().take() else {
+            return;
+        };
         let forward = cfg.endpoint.clone().map(|endpoint| {
             let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
-            tokio::spawn(otlp::forward(endpoint, frx, counters.clone()));
+            tokio::spawn(otlp::forward(endpoint, frx, self.counters.clone()));
             ftx
         });
-        tokio::spawn(keep(cfg, rx, forward, counters.clone()));
-        Telemetry { tx, counters }
+        tokio::spawn(keep(cfg, rx, forward, self.counters.clone()));
+    }
+
+    /// The tracer provider whose batches come here, named `hangar` (or
+    /// `OTEL_SERVICE_NAME`), exporting every second unless `OTEL_BSP_SCHEDULE_DELAY` says
+    /// otherwise. Also installs the W3C trace-context and baggage propagators.
+    pub fn provider(&self) -> opentelemetry_sdk::trace::SdkTracerProvider {
+        use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+        use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor};
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry::propagation::TextMapCompositePropagator::new(vec![
+                Box::new(TraceContextPropagator::new()),
+                Box::new(BaggagePropagator::new()),
+            ]),
+        );
+        let mut batch = BatchConfigBuilder::default();
+        if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
+            batch = batch.with_scheduled_delay(Duration::from_secs(1));
+        }
+        let processor = BatchSpanProcessor::builder(self.exporter())
+            .with_batch_config(batch.build())
+            .build();
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name("hangar");
+        }
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_resource(resource.build())
+            .with_span_processor(processor)
+            .build()
     }
 
     /// Takes a batch of spans; never waits.

@@ -205,7 +205,8 @@ fn the_endpoint_follows_the_otlp_exporter_rules() {
 async fn batches_are_stored_found_by_session_and_pruned() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("t.db")).await.unwrap();
-    let t = Telemetry::start(Config {
+    let t = Telemetry::new();
+    t.start(Config {
         store: store.clone(),
         endpoint: None,
         retention: Duration::from_secs(3600),

@@ -46,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the Hangar server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Report which sandbox drivers work on this host, and how to fix those that don't.
     Doctor {
         #[arg(long)]
@@ -113,7 +113,7 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Doctor { json } => doctor::run(json),
             Command::Deploy(args) => {
                 agents_cmd::deploy(&client::Client::new(&cli.url)?, &cli.url, args).await

@@ -39,6 +39,21 @@ pub struct ServeArgs {
     /// `text` for people, `json` (one object per line) for log collectors.
     #[arg(long, env = "HANGAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// `on`: a span per request and session operation, kept in the store (`/v1/traces`) and
+    /// forwarded over OTLP when an endpoint is set; `off`: no tracing at all.
+    #[arg(long, env = "HANGAR_TRACING", default_value = "on", value_parser = ["on", "off"])]
+    tracing: String,
+    /// Forward traces (Hangar's and its agents') to this OTLP/HTTP collector, a base URL
+    /// like `http://collector:4318` (`/v1/traces` is added). Default: the standard
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`; none if unset.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// How long traces are kept in the store.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    trace_retention: std::time::Duration,
+    /// The most the store keeps of traces, in MiB (the oldest go first).
+    #[arg(long, default_value_t = 256)]
+    trace_store_mib: u64,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -112,16 +127,13 @@ pub fn vm_accel(s: &str) -> Option<hangar_sandbox::vm::qemu::Accel> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format.as_str() {
-        // One JSON object per line: timestamp, level, target, message and the event's fields.
-        "json" => logs.json().flatten_event(true).init(),
-        _ => logs.init(),
-    }
+    let endpoint = hangar_telemetry::Endpoint::resolve(args.otlp_endpoint.as_deref(), |k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let telemetry = (args.tracing == "on").then(hangar_telemetry::Telemetry::new);
+    let provider = telemetry.as_ref().map(|t| t.provider());
+    init_logs(&args.log_format, provider.as_ref());
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     let init = match args.init {
         Some(p) => p,
@@ -163,6 +175,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let secrets_key = hangar_agents::SecretKey::load_or_create(&data_dir.join("secrets.key"))
         .map_err(|e| anyhow::anyhow!("the key for secrets: {e}"))?;
+    if let Some(t) = &telemetry {
+        t.start(hangar_telemetry::Config {
+            store: store.clone(),
+            endpoint,
+            retention: args.trace_retention,
+            max_bytes: args.trace_store_mib * 1024 * 1024,
+        });
+    }
     let metrics = std::sync::Arc::new(hangar_metrics::Metrics::new());
     let (egress_tx, egress_rx) = tokio::sync::mpsc::channel(4096);
     let egress = hangar_sandbox::egress::Shared {
@@ -243,6 +263,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics,
         data_dir: data_dir.clone(),
         stats: Default::default(),
+        telemetry,
     };
     // Sandboxes reach Hangar's identity endpoints at http://hangar.internal via their proxy.
     let _ = egress
@@ -270,7 +291,44 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("shutting down; sandboxes keep running");
         })
         .await?;
+    if let Some(p) = provider {
+        // The last spans reach the store before the process ends.
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Hangar's logs on stderr (text, or one JSON object per line carrying the request's span
+/// and its `trace_id`), and with tracing on, its spans into the trace store. Each has its own
+/// filter: `RUST_LOG` quiets the logs without taking spans away.
+fn init_logs(format: &str, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        "json" => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+        _ => logs.with_filter(filter).boxed(),
+    };
+    let spans = provider.map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("hangar"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("hangar", tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry().with(logs).with(spans).init();
 }
 
 /// Records each connection the egress proxy reports: per session in the store, and in the

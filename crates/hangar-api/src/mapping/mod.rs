@@ -157,6 +157,7 @@ pub(crate) async fn call(
         agent: agent.to_owned(),
         isolation_key: isolation_key.to_owned(),
         session: lease.session_id.clone(),
+        span: tracing::Span::current(),
     };
     let mut headers = HeaderMap::new();
     headers.insert(
