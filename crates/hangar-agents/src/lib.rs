@@ -1373,7 +1373,8 @@ impl Agents {
                 if let Some(note) = &r.note {
                     restore.record("hangar.resume.note", note.as_str());
                 }
-                let detail = serde_json::json!({"mode": mode, "took_ms": r.took_ms, "note": r.note});
+                let detail =
+                    serde_json::json!({"mode": mode, "took_ms": r.took_ms, "note": r.note});
                 if let Err(e) = self
                     .inner
                     .store
@@ -1749,9 +1750,11 @@ async fn detached<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T, AgentsError>> + Send + 'static,
 ) -> Result<T, AgentsError> {
     // The task stays in the caller's span (a request's trace shows its session's work).
-    tokio::spawn(tracing::Instrument::in_current_span(f)).await.map_err(|e| {
-        AgentsError::Sandbox(SandboxError::Internal(format!("session task failed: {e}")))
-    })?
+    tokio::spawn(tracing::Instrument::in_current_span(f))
+        .await
+        .map_err(|e| {
+            AgentsError::Sandbox(SandboxError::Internal(format!("session task failed: {e}")))
+        })?
 }
 
 fn version_view(row: VersionRow) -> Result<Version, AgentsError> {

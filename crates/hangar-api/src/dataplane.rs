@@ -442,7 +442,10 @@ pub(crate) async fn forward(
         sender,
     });
     let (parts, body) = resp.into_parts();
-    proxy.record("http.response.status_code", parts.status.as_u16());
+    proxy.record(
+        "http.response.status_code",
+        i64::from(parts.status.as_u16()),
+    );
     let mut out_headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut out_headers);
     out_headers.insert(HeaderName::from_static(SESSION_HEADER), session);
@@ -598,8 +601,7 @@ pub(crate) struct Capture {
 
 impl Capture {
     async fn remember(&self, response_id: String) {
-        self.span
-            .record("gen_ai.response.id", response_id.as_str());
+        self.span.record("gen_ai.response.id", response_id.as_str());
         if let Err(e) = self
             .agents
             .remember(

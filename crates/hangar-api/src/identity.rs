@@ -201,9 +201,9 @@ fn internal_router(state: AppState) -> Router {
         // larger than the other requests.
         .route(
             "/v1/traces",
-            post(crate::telemetry::receive_internal).layer(
-                axum::extract::DefaultBodyLimit::max(crate::telemetry::MAX_OTLP),
-            ),
+            post(crate::telemetry::receive_internal).layer(axum::extract::DefaultBodyLimit::max(
+                crate::telemetry::MAX_OTLP,
+            )),
         )
         .fallback(|| async {
             ApiError::new(

@@ -120,9 +120,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stats", get(stats::get))
         .route(
             "/v1/traces",
-            get(telemetry::list).post(telemetry::receive).layer(
-                axum::extract::DefaultBodyLimit::max(telemetry::MAX_OTLP),
-            ),
+            get(telemetry::list)
+                .post(telemetry::receive)
+                .layer(axum::extract::DefaultBodyLimit::max(telemetry::MAX_OTLP)),
         )
         .route("/v1/traces/{trace_id}", get(telemetry::get))
         // images.rs: build, import, bootstrap, list.

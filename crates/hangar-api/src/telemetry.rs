@@ -112,7 +112,7 @@ pub fn leased(lease: &Lease) {
 
 /// The answer's status on the span; 5xx marks it failed.
 pub fn finished(span: &Span, status: StatusCode) {
-    span.record("http.response.status_code", status.as_u16());
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("error.type", status.as_str());
         span.record("otel.status_code", "error");

@@ -143,12 +143,10 @@ impl Telemetry {
 
     /// Takes a batch of spans; never waits.
     pub fn accept(&self, origin: Origin, request: ExportTraceServiceRequest) -> Result<(), Busy> {
-        self.tx
-            .try_send(Batch { origin, request })
-            .map_err(|_| {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                Busy
-            })
+        self.tx.try_send(Batch { origin, request }).map_err(|_| {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            Busy
+        })
     }
 
     /// The SDK exporter that feeds Hangar's own spans into the queue.
@@ -178,7 +176,10 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl SpanExporter for Exporter {
-    fn export(&self, batch: Vec<SpanData>) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let request = ExportTraceServiceRequest {
             resource_spans: group_spans_by_resource_and_scope(batch, &self.resource),
         };
@@ -249,11 +250,17 @@ fn label(request: &mut ExportTraceServiceRequest, agent: &str, session: Option<&
         resource
             .attributes
             .retain(|kv| kv.key != "hangar.agent.name" && kv.key != "hangar.session.id");
-        resource.attributes.push(string_kv("hangar.agent.name", agent));
+        resource
+            .attributes
+            .push(string_kv("hangar.agent.name", agent));
         if let Some(s) = session {
             resource.attributes.push(string_kv("hangar.session.id", s));
         }
-        if !resource.attributes.iter().any(|kv| kv.key == "service.name") {
+        if !resource
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "service.name")
+        {
             resource.attributes.push(string_kv("service.name", agent));
         }
     }
@@ -274,7 +281,11 @@ fn string_kv(key: &str, value: &str) -> KeyValue {
 pub fn flatten(request: &ExportTraceServiceRequest, origin: &Origin) -> Vec<SpanRow> {
     let mut rows = Vec::new();
     for rs in &request.resource_spans {
-        let resource = rs.resource.as_ref().map(|r| &r.attributes[..]).unwrap_or(&[]);
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| &r.attributes[..])
+            .unwrap_or(&[]);
         let service = find_str(resource, "service.name").unwrap_or("unknown_service");
         for ss in &rs.scope_spans {
             for s in &ss.spans {

@@ -95,7 +95,10 @@ pub fn decode(
 /// The success answer (`partial_success` unset) in the request's format.
 pub fn success(format: Format) -> (&'static str, Vec<u8>) {
     match format {
-        Format::Protobuf => (PROTOBUF, ExportTraceServiceResponse::default().encode_to_vec()),
+        Format::Protobuf => (
+            PROTOBUF,
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        ),
         Format::Json => (JSON, b"{}".to_vec()),
     }
 }
@@ -144,7 +147,11 @@ impl Endpoint {
         let gzip = match compression.trim() {
             "" | "none" => false,
             "gzip" => true,
-            other => return Err(format!("OTLP compression must be gzip or none, not {other:?}")),
+            other => {
+                return Err(format!(
+                    "OTLP compression must be gzip or none, not {other:?}"
+                ))
+            }
         };
         Ok(Some(Endpoint { url, headers, gzip }))
     }
@@ -179,6 +186,8 @@ pub(crate) async fn forward(
     mut rx: mpsc::Receiver<ExportTraceServiceRequest>,
     counters: Arc<Counters>,
 ) {
+    // reqwest is built without a crypto provider of its own: ring, as everywhere in Hangar.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

@@ -68,7 +68,10 @@ fn own_spans_name_their_agent_and_session_in_attributes() {
     assert_eq!(r.parent_span_id, None);
     assert_eq!(r.service, "hangar");
     assert_eq!(r.kind, "client");
-    assert_eq!((r.status.as_str(), r.status_message.as_deref()), ("error", Some("boom")));
+    assert_eq!(
+        (r.status.as_str(), r.status_message.as_deref()),
+        ("error", Some("boom"))
+    );
     assert_eq!(r.agent.as_deref(), Some("notes"));
     assert_eq!(r.session.as_deref(), Some("sess_1"));
     assert_eq!(r.attributes["gen_ai.usage.input_tokens"], 42);
@@ -80,7 +83,13 @@ fn agent_spans_are_attributed_by_hangar_not_by_their_claims() {
     let mut req = request(
         None,
         vec![
-            span(1, 3, Some(2), "tool", vec![string_kv("hangar.session.id", "sess_other")]),
+            span(
+                1,
+                3,
+                Some(2),
+                "tool",
+                vec![string_kv("hangar.session.id", "sess_other")],
+            ),
             // Malformed ids are left out.
             Span {
                 trace_id: vec![1; 3],
@@ -102,8 +111,14 @@ fn agent_spans_are_attributed_by_hangar_not_by_their_claims() {
     let rows = flatten(&req, &origin);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].session.as_deref(), Some("sess_1"));
-    assert_eq!(rows[0].service, "notes", "service.name defaults to the agent");
-    assert_eq!(rows[0].parent_span_id.as_deref(), Some("02".repeat(8).as_str()));
+    assert_eq!(
+        rows[0].service, "notes",
+        "service.name defaults to the agent"
+    );
+    assert_eq!(
+        rows[0].parent_span_id.as_deref(),
+        Some("02".repeat(8).as_str())
+    );
     let resource = &req.resource_spans[0].resource.as_ref().unwrap().attributes;
     let sessions: Vec<_> = resource
         .iter()
@@ -124,7 +139,8 @@ fn decode_takes_protobuf_json_and_gzip_within_bounds() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &bytes).unwrap();
     let gz = gz.finish().unwrap();
-    let (got, _) = otlp::decode(Some("application/x-protobuf"), Some("gzip"), &gz, 1 << 20).unwrap();
+    let (got, _) =
+        otlp::decode(Some("application/x-protobuf"), Some("gzip"), &gz, 1 << 20).unwrap();
     assert_eq!(got, req);
     // A bomb stops at the bound.
     let err = otlp::decode(Some("application/x-protobuf"), Some("gzip"), &gz, 16).unwrap_err();
@@ -135,14 +151,19 @@ fn decode_takes_protobuf_json_and_gzip_within_bounds() {
         "scopeSpans":[{"scope":{},"spans":[{"traceId":"5B8EFFF798038103D269B633813FC60C","spanId":"EEE19B7EC3C1B174",
         "name":"tool","kind":3,"startTimeUnixNano":"1700000000000000000","endTimeUnixNano":"1700000000001000000",
         "attributes":[{"key":"n","value":{"intValue":"3"}}],"unknownField":1}]}]}]}"#;
-    let (got, f) = otlp::decode(Some("application/json; charset=utf-8"), None, json, 1 << 20).unwrap();
+    let (got, f) =
+        otlp::decode(Some("application/json; charset=utf-8"), None, json, 1 << 20).unwrap();
     assert_eq!(f, otlp::Format::Json);
     let rows = flatten(&got, &Origin::Caller);
     assert_eq!(rows[0].trace_id, "5b8efff798038103d269b633813fc60c");
     assert_eq!(rows[0].attributes["n"], 3);
     assert_eq!(rows[0].end_us - rows[0].start_us, 1000);
 
-    for (ct, ce) in [(Some("text/plain"), None), (None, None), (Some("application/json"), Some("br"))] {
+    for (ct, ce) in [
+        (Some("text/plain"), None),
+        (None, None),
+        (Some("application/json"), Some("br")),
+    ] {
         assert!(otlp::decode(ct, ce, b"{}", 1024).is_err());
     }
     assert!(matches!(
@@ -150,7 +171,9 @@ fn decode_takes_protobuf_json_and_gzip_within_bounds() {
         Err(otlp::DecodeError::Invalid(_))
     ));
     assert_eq!(
-        otlp::decode(Some("application/json"), None, b"", 1024).unwrap().0,
+        otlp::decode(Some("application/json"), None, b"", 1024)
+            .unwrap()
+            .0,
         Default::default()
     );
 }
@@ -158,16 +181,23 @@ fn decode_takes_protobuf_json_and_gzip_within_bounds() {
 #[test]
 fn the_endpoint_follows_the_otlp_exporter_rules() {
     let env = |vars: &'static [(&'static str, &'static str)]| {
-        move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     };
     assert_eq!(Endpoint::resolve(None, env(&[])).unwrap(), None);
     assert_eq!(
         Endpoint::resolve(None, env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")])).unwrap(),
         None
     );
-    let e = Endpoint::resolve(None, env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]))
-        .unwrap()
-        .unwrap();
+    let e = Endpoint::resolve(
+        None,
+        env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(e.url, "http://c:4318/v1/traces");
     let e = Endpoint::resolve(
         None,

@@ -299,8 +299,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Hangar's logs on stderr (text, or one JSON object per line carrying the request's span
-/// and its `trace_id`), and with tracing on, its spans into the trace store. Each has its own
+/// Hangar's logs on stderr (text, or one JSON object per line carrying its spans, the
+/// request's with its `trace_id`), and with tracing on, its spans into the trace store. Each has its own
 /// filter: `RUST_LOG` quiets the logs without taking spans away.
 fn init_logs(format: &str, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     use opentelemetry::trace::TracerProvider as _;
@@ -314,8 +314,8 @@ fn init_logs(format: &str, provider: Option<&opentelemetry_sdk::trace::SdkTracer
         "json" => logs
             .json()
             .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .with_current_span(false)
+            .with_span_list(true)
             .with_filter(filter)
             .boxed(),
         _ => logs.with_filter(filter).boxed(),
