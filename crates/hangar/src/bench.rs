@@ -27,6 +27,9 @@ pub enum BenchCmd {
     /// What authentication (API key, JWT) adds to a data-plane request and the egress proxy
     /// to an HTTP request.
     Security(crate::bench_security::SecurityBench),
+    /// What tracing costs the gateway: the same requests through `hangar serve --tracing on`
+    /// and `--tracing off`, in alternating rounds.
+    Tracing(crate::bench_tracing::TracingBench),
 }
 
 #[derive(Args)]
@@ -87,6 +90,7 @@ pub async fn run(url: &str, cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Sessions(b) => crate::bench_agents::sessions(url, b).await,
         BenchCmd::Protocols(b) => crate::bench_protocols::run(url, b).await,
         BenchCmd::Security(b) => crate::bench_security::run(url, b).await,
+        BenchCmd::Tracing(b) => crate::bench_tracing::run(b).await,
     }
 }
 

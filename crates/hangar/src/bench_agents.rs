@@ -85,7 +85,7 @@ pub(crate) async fn unix_conn(path: &std::path::Path) -> anyhow::Result<SendRequ
 
 /// A request as `user` naming no session (so Hangar picks or makes one) on a new connection:
 /// the status, the session it landed in, and the answer.
-async fn first_request(
+pub(crate) async fn first_request(
     authority: &str,
     path: &str,
     user: &str,
@@ -136,11 +136,11 @@ async fn one(
     Ok(t.elapsed())
 }
 
-struct Target {
+pub(crate) struct Target {
     /// `None`: Hangar over TCP; `Some`: the agent's socket.
-    socket: Option<PathBuf>,
-    authority: String,
-    path: String,
+    pub socket: Option<PathBuf>,
+    pub authority: String,
+    pub path: String,
 }
 
 impl Target {
@@ -152,7 +152,12 @@ impl Target {
     }
 }
 
-async fn latency(t: &Target, session: &str, body: &Bytes, n: usize) -> anyhow::Result<Vec<f64>> {
+pub(crate) async fn latency(
+    t: &Target,
+    session: &str,
+    body: &Bytes,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
     let mut conn = t.conn().await?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -169,7 +174,7 @@ async fn latency(t: &Target, session: &str, body: &Bytes, n: usize) -> anyhow::R
     Ok(out)
 }
 
-async fn throughput(
+pub(crate) async fn throughput(
     t: &std::sync::Arc<Target>,
     session: &str,
     body: &Bytes,

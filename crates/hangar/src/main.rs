@@ -10,6 +10,7 @@ mod bench;
 mod bench_agents;
 mod bench_protocols;
 mod bench_security;
+mod bench_tracing;
 mod check;
 mod check_rules;
 mod client;
