@@ -74,6 +74,10 @@ pub struct HostStats {
     pub disk_free_bytes: u64,
     /// Disk blocks the sandboxes' own files (volumes, checkpoints, VM memory) take.
     pub sandboxes_disk_bytes: u64,
+    /// Memory charged to sandboxes' cgroups now, and the CPU time they have used (all of
+    /// this host's Hangar sandboxes: the cgroups are shared by every server on it).
+    pub sandboxes_memory_bytes: u64,
+    pub sandboxes_cpu_seconds: f64,
     /// Sandboxes by state, whatever they serve.
     pub sandboxes: Vec<(String, i64)>,
 }
@@ -272,6 +276,7 @@ impl Metrics {
         };
         gauge(&self.memory, "total", host.memory_total_bytes);
         gauge(&self.memory, "available", host.memory_available_bytes);
+        gauge(&self.memory, "sandboxes", host.sandboxes_memory_bytes);
         gauge(&self.disk, "total", host.disk_total_bytes);
         gauge(&self.disk, "free", host.disk_free_bytes);
         gauge(&self.disk, "sandboxes", host.sandboxes_disk_bytes);
@@ -279,6 +284,7 @@ impl Metrics {
         for (kind, v) in [
             ("busy", host.cpu_busy_seconds),
             ("idle", host.cpu_idle_seconds),
+            ("sandboxes", host.sandboxes_cpu_seconds),
         ] {
             let c = self.cpu.get_or_create(&Kind { kind: kind.into() });
             let now = c.get();
@@ -328,7 +334,37 @@ pub fn host_stats(data_dir: &std::path::Path) -> HostStats {
         s.disk_free_bytes = fs.1;
     }
     s.sandboxes_disk_bytes = allocated(&data_dir.join("sandboxes"), 3);
+    (s.sandboxes_memory_bytes, s.sandboxes_cpu_seconds) = sandbox_cgroups();
     s
+}
+
+/// What the sandboxes' cgroups hold: `hangar/<id>` (crun, runsc) and `hangar-vm/<name>`
+/// (QEMU). A parent cgroup's counters include its children's, past ones too for the CPU.
+fn sandbox_cgroups() -> (u64, f64) {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let read = |p: std::path::PathBuf| -> Option<u64> {
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    };
+    let (mut memory, mut cpu_ns) = (0u64, 0u64);
+    for group in ["hangar", "hangar-vm"] {
+        if root.join("cgroup.controllers").exists() {
+            // cgroup v2: memory.current, and cpu.stat's usage_usec.
+            memory += read(root.join(group).join("memory.current")).unwrap_or(0);
+            if let Ok(stat) = std::fs::read_to_string(root.join(group).join("cpu.stat")) {
+                cpu_ns += stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1000;
+            }
+        } else {
+            memory += read(root.join("memory").join(group).join("memory.usage_in_bytes"))
+                .unwrap_or(0);
+            cpu_ns += read(root.join("cpuacct").join(group).join("cpuacct.usage")).unwrap_or(0);
+        }
+    }
+    (memory, cpu_ns as f64 / 1e9)
 }
 
 fn statvfs(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
