@@ -401,7 +401,8 @@ fn stream(st: AppState, guard: Arc<OutputGuard>, whose: Whose, resp: Response) -
     let (mut parts, body) = resp.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::spawn(async move {
+    // In the request's span: the work it started is part of its trace.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut g = StreamGuard {
             scanner: guard.scanner.clone(),
             action: guard.action,
@@ -484,7 +485,7 @@ fn stream(st: AppState, guard: Arc<OutputGuard>, whose: Whose, resp: Response) -
                 return;
             }
         }
-    });
+    }));
     let body = Body::from_stream(tokio_stream_from(rx));
     Response::from_parts(parts, body)
 }

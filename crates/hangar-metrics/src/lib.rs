@@ -359,8 +359,12 @@ fn sandbox_cgroups() -> (u64, f64) {
                     * 1000;
             }
         } else {
-            memory += read(root.join("memory").join(group).join("memory.usage_in_bytes"))
-                .unwrap_or(0);
+            memory += read(
+                root.join("memory")
+                    .join(group)
+                    .join("memory.usage_in_bytes"),
+            )
+            .unwrap_or(0);
             cpu_ns += read(root.join("cpuacct").join(group).join("cpuacct.usage")).unwrap_or(0);
         }
     }

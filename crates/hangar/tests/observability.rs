@@ -152,7 +152,13 @@ fn metrics_parse_and_move_with_requests_and_sandboxes() {
     assert!(value(&after, "hangar_disk_bytes", &[("kind", "sandboxes")]) > 0.0);
     // The running sandbox's memory and the CPU time sandboxes used, from their cgroups.
     assert!(value(&after, "hangar_host_memory_bytes", &[("kind", "sandboxes")]) > 1e6);
-    assert!(value(&after, "hangar_host_cpu_seconds_total", &[("kind", "sandboxes")]) > 0.0);
+    assert!(
+        value(
+            &after,
+            "hangar_host_cpu_seconds_total",
+            &[("kind", "sandboxes")]
+        ) > 0.0
+    );
     assert_eq!(
         value(&after, "hangar_sandboxes", &[("state", "running")]),
         1.0

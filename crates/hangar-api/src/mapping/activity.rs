@@ -307,7 +307,8 @@ pub async fn messages(
         url: reply_url(service_url.as_deref().unwrap_or_default(), &activity),
     };
     let channels = st.channels.clone();
-    tokio::spawn(async move {
+    // In the request's span: the work it started is part of its trace.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let _turn = channels.turn_lock(lock_key).await;
         let started = match turn.route(&mut request).await {
             Ok(lease) => call(&turn.st, &turn.name, &turn.user, lease, &request).await,
@@ -351,7 +352,7 @@ pub async fn messages(
                 _ => {}
             }
         }
-    });
+    }));
     Ok(acknowledge(false, vec![], None))
 }
 

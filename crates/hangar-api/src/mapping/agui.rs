@@ -298,7 +298,8 @@ pub async fn run(
         .last()
         .and_then(|m| m["id"].as_str())
         .map(str::to_owned);
-    tokio::spawn(async move {
+    // In the request's span: the work it started is part of its trace.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         // The run goes on to its end even if the client leaves (within the turn's time
         // limits), so that the thread's chain stays whole for its next run.
         let _turn = guard;
@@ -379,7 +380,7 @@ pub async fn run(
             };
             send(frame(ev)).await;
         }
-    });
+    }));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
