@@ -27,6 +27,7 @@ export async function agentPage(main, [name], ctx) {
   const editor = trafficEditor(name, () => agent, async (saved) => {
     agent = { ...agent, traffic: saved };
     drawHead();
+    drawVersions();
   });
   const versionsBody = h("div");
   const sessionsView = sessionsTable();

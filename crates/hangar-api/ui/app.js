@@ -69,6 +69,7 @@ async function route() {
   if (!auth.key) return signIn();
   leave();
   showChrome(true);
+  document.getElementById("toast").hidden = true;
   const hash = location.hash || "#/";
   const found = routes.map(([re, page, nav]) => [re.exec(hash), page, nav]).find(([m]) => m);
   document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", !!found && a.dataset.nav === found[2]));

@@ -20,7 +20,7 @@ export async function sessionPage(main, [id], ctx) {
   const timeline = h("div");
   const traces = h("div", {}, h("div", { class: "loading" }, "Loading…"));
   const logs = logView(base, ctx);
-  const files = fileBrowser(base, () => session, ctx);
+  const files = fileBrowser(base, () => session, ctx, () => reload());
 
   const drawHead = () => {
     const canSuspend = ["running", "idle"].includes(session.state);
@@ -28,9 +28,8 @@ export async function sessionPage(main, [id], ctx) {
     const act = (what) => async () => {
       try {
         await api(`${base}/${what}`, { method: "POST", signal: ctx.signal });
-        session = await api(base, { signal: ctx.signal });
+        await reload();
         toast(`Session ${what === "suspend" ? "suspended" : "resumed"}`);
-        drawAll();
       } catch (e) {
         if (e.name !== "AbortError") toast(`Could not ${what}: ${e.message}`);
       }
@@ -82,7 +81,18 @@ export async function sessionPage(main, [id], ctx) {
     fill(traces, tracesTable(list && list.traces));
   };
 
-  const drawAll = () => { drawHead(); drawFacts(); drawTimeline().catch(() => {}); };
+  /** The session read again and everything redrawn. */
+  const reload = async () => {
+    const asleep = (st) => ["suspending", "suspended", "deleted", "failed"].includes(st);
+    const before = asleep(session.state);
+    session = await api(base, { signal: ctx.signal });
+    if (!ctx.alive) return;
+    drawHead();
+    drawFacts();
+    await drawTimeline();
+    // The file browser offers to resume a suspended session rather than doing it unasked.
+    if (before !== asleep(session.state)) files.stateChanged();
+  };
 
   drawHead();
   drawFacts();
@@ -100,17 +110,7 @@ export async function sessionPage(main, [id], ctx) {
   logs.start();
   files.start();
 
-  ctx.every(REFRESH_MS, async () => {
-    const asleep = (st) => ["suspending", "suspended", "deleted", "failed"].includes(st);
-    const before = asleep(session.state);
-    session = await api(base, { signal: ctx.signal });
-    if (!ctx.alive) return;
-    drawHead();
-    drawFacts();
-    await drawTimeline();
-    // The file browser offers to resume a suspended session rather than doing it unasked.
-    if (before !== asleep(session.state)) files.stateChanged();
-  });
+  ctx.every(REFRESH_MS, reload);
   ctx.every(REFRESH_MS * 3, drawTraces);
 }
 
@@ -292,7 +292,7 @@ function parseEvent(block) {
 }
 
 /** The session's files: directories listed, files previewed (text) or downloaded. */
-function fileBrowser(base, getSession, ctx) {
+function fileBrowser(base, getSession, ctx, onWoken) {
   const path = h("div", { class: "path", id: "files-path" });
   const listing = h("div", { id: "files-list" });
   const preview = h("div", { class: "preview", id: "files-preview", hidden: true });
@@ -318,7 +318,7 @@ function fileBrowser(base, getSession, ctx) {
     if (s.state === "suspended" || s.state === "suspending") {
       fill(listing, h("div", { class: "empty" },
         h("p", {}, "This session is suspended. Browsing its files resumes it."),
-        h("button", { type: "button", id: "files-resume", onclick: () => load(p) }, "Resume and browse")));
+        h("button", { type: "button", id: "files-resume", onclick: () => load(p).then(onWoken) }, "Resume and browse")));
       crumbsFor(p);
       return;
     }
@@ -361,7 +361,7 @@ function fileBrowser(base, getSession, ctx) {
         const icon = e.type === "dir" ? "▸" : e.type === "symlink" ? "↪" : "·";
         return h("tr", { dataset: { name: e.name, type: e.type } },
           h("td", { class: "name" }, h("span", { class: "icon" }, icon),
-            h("button", { type: "button", onclick: () => (e.type === "dir" ? load(full) : show({ ...e, path: full })) }, e.name)),
+            h("button", { type: "button", onclick: () => (e.type === "file" ? show({ ...e, path: full }) : load(full)) }, e.name)),
           h("td", { class: "num" }, e.type === "dir" ? "" : bytes(e.size)),
           h("td", {}, e.mtime ? ago(e.mtime * 1000) : "—"));
       })))));
