@@ -6,7 +6,7 @@
 // from the address bar and the history.
 
 import { api, auth, onUnauthorized, ApiError } from "./api.js";
-import { h, fill, alertBox } from "./dom.js";
+import { h, fill, alertBox, toast } from "./dom.js";
 import { fleetPage } from "./fleet.js";
 import { agentPage } from "./agent.js";
 import { sessionPage } from "./session.js";
@@ -40,20 +40,29 @@ function context() {
     cleanups: [],
     get signal() { return this.controller.signal; },
     get alive() { return current === this && !this.signal.aborted; },
-    /** Calls `fn` every `ms` while the page is shown and the tab visible. */
+    /**
+     * Calls `fn` every `ms` while the page is shown and the tab visible, one call at a time;
+     * the first failure of a run of them is shown.
+     */
     every(ms, fn) {
+      let busy = false;
+      let failing = false;
       this.timers.push(setInterval(() => {
-        if (!document.hidden && this.alive) fn().catch(report);
+        if (busy || document.hidden || !this.alive) return;
+        busy = true;
+        fn().then(() => { failing = false; }, (e) => {
+          if (e && e.name === "AbortError") return;
+          console.error(e);
+          if (!failing && this.alive && !(e instanceof ApiError && e.status === 401)) {
+            toast(`Could not refresh: ${e.message}`);
+          }
+          failing = true;
+        }).finally(() => { busy = false; });
       }, ms));
     },
     onLeave(fn) { this.cleanups.push(fn); },
   };
   return ctx;
-}
-
-function report(e) {
-  if (e && e.name === "AbortError") return;
-  console.error(e);
 }
 
 function takeKeyFromFragment() {
