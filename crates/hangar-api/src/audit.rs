@@ -173,6 +173,9 @@ pub async fn record(
     mut req: Request,
     next: Next,
 ) -> Response {
+    // Data-plane latency as the caller sees it, to the answer's headers (a stream's body
+    // goes on after this layer returns).
+    let started = std::time::Instant::now();
     let id = request_id(req.headers());
     let id_value = HeaderValue::from_str(&id).expect("checked ASCII");
     req.headers_mut()
@@ -217,6 +220,7 @@ pub async fn record(
         }
         None => next.run(req).await,
     };
+    let elapsed = started.elapsed();
     if let Some(span) = &invoke {
         crate::telemetry::finished(span, resp.status());
     }
@@ -261,12 +265,12 @@ pub async fn record(
     };
     if let Some(protocol) = entry.action.strip_prefix("session.invoke.") {
         let version = resp.extensions().get::<AgentVersion>().map(|v| v.0);
-        st.metrics.request(
-            entry.agent.as_deref().unwrap_or_default(),
-            version,
-            protocol,
-            resp.status().as_u16(),
-        );
+        let agent = entry.agent.as_deref().unwrap_or_default();
+        let status = resp.status().as_u16();
+        st.metrics.request(agent, version, protocol, status);
+        st.metrics
+            .request_duration(agent, version, protocol, elapsed.as_secs_f64());
+        st.stats.request(agent, version, status, elapsed);
     }
     if entry.action.starts_with("session.invoke.") {
         // A call to an agent is on the hot path: its record is written beside the answer

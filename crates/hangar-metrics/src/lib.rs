@@ -28,6 +28,13 @@ struct Request {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestKind {
+    agent: String,
+    version: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Operation {
     driver: String,
     operation: String,
@@ -86,6 +93,7 @@ pub struct HostStats {
 pub struct Metrics {
     registry: Registry,
     requests: Family<Request, Counter>,
+    request_seconds: Family<RequestKind, Histogram>,
     operations: Family<Operation, Histogram>,
     idle_suspensions: Family<AgentLabel, Counter>,
     egress_bytes: Family<EgressBytes, Counter>,
@@ -120,6 +128,15 @@ impl Metrics {
             "requests",
             "Data-plane requests by agent, version, protocol and status",
             requests.clone(),
+        );
+        // 1 ms to ~65 s; time to the answer's headers (a stream's first byte).
+        let request_seconds = Family::<RequestKind, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Data-plane requests' time to the answer's headers, by agent, version and protocol",
+            request_seconds.clone(),
         );
         // 1 ms to ~65 s: a container starts in milliseconds, a VM under TCG in seconds.
         let operations = Family::<Operation, Histogram>::new_with_constructor(|| {
@@ -179,6 +196,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            request_seconds,
             operations,
             idle_suspensions,
             egress_bytes,
@@ -202,6 +220,23 @@ impl Metrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+
+    /// How long a data-plane request took to its answer's headers.
+    pub fn request_duration(
+        &self,
+        agent: &str,
+        version: Option<i64>,
+        protocol: &str,
+        seconds: f64,
+    ) {
+        self.request_seconds
+            .get_or_create(&RequestKind {
+                agent: agent.to_owned(),
+                version: version.map(|v| v.to_string()).unwrap_or_default(),
+                protocol: protocol.to_owned(),
+            })
+            .observe(seconds);
     }
 
     /// A sandbox lifecycle operation (`create`, `suspend`, `resume`) that succeeded.
@@ -410,6 +445,7 @@ mod tests {
         let m = Metrics::new();
         m.request("notes", Some(2), "responses", 200);
         m.request("notes", Some(2), "responses", 200);
+        m.request_duration("notes", Some(2), "responses", 0.003);
         m.sandbox_operation("gvisor", "create", 0.2);
         m.egress("notes", true, 10, 20);
         let text = m.encode(
@@ -426,6 +462,9 @@ mod tests {
         assert!(text.contains(
             r#"hangar_requests_total{agent="notes",version="2",protocol="responses",status="200"} 2"#
         ));
+        assert!(text.contains(
+            r#"hangar_request_duration_seconds_bucket{agent="notes",version="2",protocol="responses",le="0.004"} 1"#
+        ), "{text}");
         assert!(text.contains(
             r#"hangar_sandbox_operation_seconds_count{driver="gvisor",operation="create"} 1"#
         ));

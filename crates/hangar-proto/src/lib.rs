@@ -8,6 +8,7 @@ pub mod agent;
 pub mod error;
 pub mod init;
 pub mod sandbox;
+pub mod stats;
 
 pub use error::{ErrorBody, ErrorDetail};
 
