@@ -30,6 +30,8 @@ pub struct Audit {
     head: PathBuf,
     /// Appends run one at a time: each chains on the last.
     lock: tokio::sync::Mutex<()>,
+    /// Records written beside their answers and not yet appended.
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Audit {
@@ -38,7 +40,32 @@ impl Audit {
             store,
             head: data_dir.join("audit-head"),
             lock: tokio::sync::Mutex::new(()),
+            pending: Default::default(),
         }
+    }
+
+    /// Appends a record beside the answer (the caller does not wait for it).
+    pub fn record_soon(self: &std::sync::Arc<Self>, entry: AuditEntry) {
+        use std::sync::atomic::Ordering;
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.record(entry).await;
+            me.pending.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// Waits (at most `limit`) until every record written beside its answer is appended:
+    /// `hangar serve` does before it exits, so that none is lost.
+    pub async fn drain(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.pending.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Appends a record. A failure is logged, never the caller's: the action happened.
@@ -275,8 +302,7 @@ pub async fn record(
     if entry.action.starts_with("session.invoke.") {
         // A call to an agent is on the hot path: its record is written beside the answer
         // (appends still happen one at a time, in the order they were made).
-        let audit = st.audit.clone();
-        tokio::spawn(async move { audit.record(entry).await });
+        st.audit.record_soon(entry);
     } else {
         // A change is recorded before its answer says it happened.
         st.audit.record(entry).await;

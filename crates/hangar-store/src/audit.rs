@@ -144,7 +144,7 @@ impl Store {
     /// Appends a record after the last one. Appends must not run concurrently (the caller
     /// serialises them); the transaction keeps a crash from leaving half a record.
     pub async fn append_audit(&self, e: &AuditEntry, now: &str) -> Result<AuditRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await?;

@@ -158,8 +158,16 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// A write transaction, holding SQLite's write lock from its start. A deferred one that
+    /// reads first fails at once with "database is locked" when another connection wrote in
+    /// between (its snapshot is stale); waiting for the lock up front honours the busy
+    /// timeout instead.
+    async fn write(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     pub async fn put_image(&self, image: &ImageRow) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         if let Some(name) = &image.name {
             // A name moves to the newest image that carries it (like a tag).
             sqlx::query("UPDATE images SET name = NULL WHERE name = ? AND id <> ?")
@@ -220,7 +228,7 @@ impl Store {
                 "a version's traffic must be between 0 and 100".into(),
             ));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         if sqlx::query("SELECT 1 FROM images WHERE id = ?")
             .bind(image_id)
             .fetch_optional(&mut *tx)
@@ -300,7 +308,7 @@ impl Store {
     /// Deletes an agent's versions and traffic (the agent stays, with no version to start a
     /// session on).
     pub async fn delete_agent_versions(&self, name: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         delete_versions_in(&mut tx, name).await?;
         tx.commit().await?;
         Ok(())
@@ -309,7 +317,7 @@ impl Store {
     /// Deletes an agent with its versions, traffic, sessions and references. The caller
     /// deletes the sessions' sandboxes first.
     pub async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for table in ["refs", "threads", "secrets", "signing_keys"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE agent = ?"))
                 .bind(name)
@@ -361,7 +369,7 @@ impl Store {
 
     /// The traffic split as (version, weight), versions ascending; weights sum to 100.
     pub async fn traffic(&self, agent: &str) -> Result<Vec<(i64, i64)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let split = traffic_in(&mut tx, agent).await?;
         tx.commit().await?;
         Ok(split)
@@ -375,7 +383,7 @@ impl Store {
                 "traffic weights must be 0..=100 and sum to 100, not {sum}"
             )));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         if sqlx::query("SELECT 1 FROM agents WHERE name = ?")
             .bind(agent)
             .fetch_optional(&mut *tx)
@@ -403,7 +411,7 @@ impl Store {
     }
 
     pub async fn create_session(&self, s: &SessionRow) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO sessions (id, agent, version, isolation_key, state, sandbox_id, created_at, last_activity, checkpoint, error)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -491,7 +499,7 @@ impl Store {
         checkpoint: Option<&serde_json::Value>,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         // A change of state is one of the session's events (its timeline).
         sqlx::query(
             "INSERT INTO session_events (session, at, kind, detail)

@@ -66,7 +66,7 @@ pub struct SessionEvent {
 impl Store {
     /// Stores spans, all in one transaction. `received_at` is unix seconds.
     pub async fn put_spans(&self, spans: &[SpanRow], received_at: i64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for s in spans {
             let attributes = serde_json::to_string(&s.attributes)?;
             let size = (attributes.len() + s.name.len() + s.service.len() + 128) as i64;

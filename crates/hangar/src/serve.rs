@@ -269,6 +269,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let _ = egress
         .internal
         .set(hangar_api::internal_service(state.clone()));
+    let audit = state.audit.clone();
     let app = hangar_api::router(state);
     tracing::info!(listen = %local, data_dir = %data_dir.display(), "hangar serving");
     // Stopping the server leaves sandboxes running; the next `hangar serve` adopts them.
@@ -291,6 +292,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             tracing::info!("shutting down; sandboxes keep running");
         })
         .await?;
+    // Calls answered just before the end still get their audit records.
+    if !audit.drain(std::time::Duration::from_secs(30)).await {
+        tracing::error!("audit records were still being written when hangar serve stopped");
+    }
     if let Some(p) = provider {
         // The last spans reach the store before the process ends.
         let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
