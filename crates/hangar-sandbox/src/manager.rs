@@ -297,7 +297,8 @@ impl Sandboxes {
         log_tail(&self.layout(id).console_log(), lines)
     }
 
-    /// The sandbox's console: `hangar-init`'s and the agent's stdout and stderr.
+    /// The sandbox's console: `hangar-init`'s and the agent's stdout and stderr. Read it
+    /// through [`Sandboxes::consoles`], which knows its rotations.
     pub fn console_log(&self, id: &str) -> PathBuf {
         self.layout(id).console_log()
     }

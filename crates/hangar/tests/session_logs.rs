@@ -262,7 +262,7 @@ fn is_stamp(s: &str) -> bool {
 
 #[test]
 fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
-    let server = Server::start();
+    let mut server = Server::start();
     debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("chatty", &chatty_yaml(""));
     deploy(&server, dir.path(), &[]);
@@ -281,7 +281,8 @@ fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
     assert!(tagged("stderr", "chatty says hello on stderr"), "{text}");
     assert!(tagged("stdout", "first words"), "{text}");
     assert!(
-        text.lines().any(|l| l.contains(" hangar-init: agent started (pid ")),
+        text.lines()
+            .any(|l| l.contains(" hangar-init: agent started (pid ")),
         "{text}"
     );
 
@@ -291,7 +292,13 @@ fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
         format!("/v1/sessions/{s}/logs?follow=true&format=sse"),
         format!("/v1/agents/chatty/sessions/{s}/logs?follow=true"),
     ] {
-        let r = http(&server, "GET", &path, &[("x-agent-user-id", "mallory")], None);
+        let r = http(
+            &server,
+            "GET",
+            &path,
+            &[("x-agent-user-id", "mallory")],
+            None,
+        );
         assert_eq!(r.status, 404, "{path}: {}", r.text());
         assert!(!r.text().contains("chatty"), "{}", r.text());
     }
@@ -354,7 +361,11 @@ fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
         ["marker out", "bad \u{fffd} byte"]
     );
     let out = common::agents::cli(&server, &["sessions", "logs", &s, "--tail", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(last.ends_with(" stdout bad \u{fffd} byte\n"), "{last:?}");
     assert_eq!(last.lines().count(), 1, "{last}");
@@ -374,7 +385,10 @@ fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
     let r = server.call("POST", &format!("/v1/sessions/{s}/resume"), None);
     assert_eq!(r.status, 200, "{}", r.text());
     let (_, after_pid) = print(&server, Some(&s), json!({"lines": ["after resume"]}));
-    assert_eq!(after_pid, pid, "the memory checkpoint kept the agent process");
+    assert_eq!(
+        after_pid, pid,
+        "the memory checkpoint kept the agent process"
+    );
     for f in [&mut curl, &mut cli] {
         f.wait_line("before suspend", 30);
         f.wait_line("after resume", 30);
@@ -400,6 +414,24 @@ fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
     ] {
         assert_eq!(seen.iter().filter(|l| *l == w).count(), 1, "{w}: {seen:?}");
     }
+
+    // A restart of `hangar serve` drops the connections; the sandbox runs on and the CLI
+    // reconnects, resuming after the last line it showed (nothing twice).
+    server.restart();
+    curl.wait_exit(20);
+    let (_, restarted_pid) = print(&server, Some(&s), json!({"lines": ["after restart"]}));
+    assert_eq!(restarted_pid, pid, "the sandbox outlived the server");
+    cli.wait_line("after restart", 60);
+    let seen: Vec<Value> = cli.records();
+    for w in ["first words", "after resume", "after restart"] {
+        assert_eq!(
+            seen.iter().filter(|r| r["line"] == w).count(),
+            1,
+            "{w}: {seen:?}"
+        );
+    }
+    let mut curl = Follower::curl(&server, &s, "alice");
+    curl.wait_line("after restart", 30);
 
     // Deleting the session ends both followers.
     let r = server.call("DELETE", &format!("/v1/sessions/{s}"), None);
@@ -431,7 +463,15 @@ fn hex(bytes: &[u8]) -> String {
 fn noise(records: &[Value]) -> (Vec<u64>, usize) {
     let nums: Vec<u64> = records
         .iter()
-        .filter_map(|r| r["line"].as_str()?.strip_prefix("noise ")?.split(' ').next()?.parse().ok())
+        .filter_map(|r| {
+            r["line"]
+                .as_str()?
+                .strip_prefix("noise ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     let (Some(first), Some(last)) = (nums.first(), nums.last()) else {
         return (nums, 0);
@@ -449,7 +489,9 @@ fn session_logs_rotate_under_a_noisy_agent_and_followers_keep_up() {
     let dir = agent_dir("chatty", &chatty_yaml("env: { NOISE: '1' }\n"));
     deploy(&server, dir.path(), &[]);
     let (s, _) = print(&server, None, json!({"lines": ["start"]}));
-    let sandbox = server.call("GET", &format!("/v1/sessions/{s}"), None).json()["sandbox"]
+    let sandbox = server
+        .call("GET", &format!("/v1/sessions/{s}"), None)
+        .json()["sandbox"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -481,7 +523,12 @@ fn session_logs_rotate_under_a_noisy_agent_and_followers_keep_up() {
         let slack = 96 * 1024;
         for f in [&log, &rotated] {
             if let Ok(m) = std::fs::metadata(f) {
-                assert!(m.len() <= cap + slack, "{} is {} bytes", f.display(), m.len());
+                assert!(
+                    m.len() <= cap + slack,
+                    "{} is {} bytes",
+                    f.display(),
+                    m.len()
+                );
             }
         }
         rotated_bytes = std::fs::read_to_string(&offset)
