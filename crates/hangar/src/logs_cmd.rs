@@ -101,17 +101,20 @@ pub async fn run(c: &Client, a: LogsArgs) -> anyhow::Result<ExitCode> {
         let mut batch = Vec::new();
         let ended = loop {
             let Some(frame) = body.frame().await else {
-                break false;
+                break None;
             };
             let Ok(data) = frame.map(|f| f.into_data()) else {
-                break false;
+                break None;
             };
             let Ok(data) = data else { continue };
             events.feed(&data, &mut batch)?;
-            let mut end = false;
+            let mut end = None;
             for ev in batch.drain(..) {
                 if ev.event.as_deref() == Some(END_EVENT) {
-                    end = true;
+                    let why = serde_json::from_str::<serde_json::Value>(&ev.data)
+                        .ok()
+                        .and_then(|v| v["reason"].as_str().map(str::to_owned));
+                    end = Some(why.unwrap_or_else(|| "the log ended".into()));
                     break;
                 }
                 let line: LogLine = serde_json::from_str(&ev.data)
@@ -123,12 +126,12 @@ pub async fn run(c: &Client, a: LogsArgs) -> anyhow::Result<ExitCode> {
                     last_id = ev.id;
                 }
             }
-            if end {
-                break true;
+            if end.is_some() {
+                break end;
             }
         };
-        if ended {
-            eprintln!("hangar: session {} was deleted", a.id);
+        if let Some(why) = ended {
+            eprintln!("hangar: {why}");
             return Ok(ExitCode::SUCCESS);
         }
         if !a.follow {

@@ -214,20 +214,25 @@ async fn pump(
         if !req.follow {
             return;
         }
-        if last_check.elapsed() >= SESSION_CHECK || follower.reader.gone() {
+        let gone = follower.reader.gone();
+        if last_check.elapsed() >= SESSION_CHECK || gone {
             last_check = Instant::now();
-            let deleted = follower.reader.gone()
-                || matches!(
-                    st.agents
-                        .log_path(&session.id, session.user.as_deref())
-                        .await,
-                    Err(hangar_agents::AgentsError::NotFound(_))
-                );
-            if deleted {
+            let deleted = matches!(
+                st.agents
+                    .log_path(&session.id, session.user.as_deref())
+                    .await,
+                Err(hangar_agents::AgentsError::NotFound(_))
+            );
+            if deleted || gone {
                 if req.sse {
+                    let reason = if deleted {
+                        "the session was deleted"
+                    } else {
+                        "the session's sandbox is gone"
+                    };
                     let end = format!(
                         "event: {END_EVENT}\ndata: {}\n\n",
-                        serde_json::json!({"reason": "the session was deleted"})
+                        serde_json::json!({ "reason": reason })
                     );
                     let _ = tx.send(Bytes::from(end)).await;
                 }
