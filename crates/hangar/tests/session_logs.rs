@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use common::agents::{agent_dir, deploy, http, BASE_PACKAGES};
 use common::images::debian_base;
-use common::Server;
+use common::{require, Server};
 
 fn chatty_yaml(extra: &str) -> String {
     format!(
@@ -262,6 +262,7 @@ fn is_stamp(s: &str) -> bool {
 
 #[test]
 fn session_logs_are_stamped_followed_resumed_and_kept_across_gvisor_suspend() {
+    require("runsc", "runsc");
     let mut server = Server::start();
     debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("chatty", &chatty_yaml(""));
@@ -484,6 +485,7 @@ fn noise(records: &[Value]) -> (Vec<u64>, usize) {
 #[test]
 fn session_logs_rotate_under_a_noisy_agent_and_followers_keep_up() {
     const CAP_KIB: u64 = 32;
+    require("runsc", "runsc");
     let server = Server::start_with(&["--console-log-max-kib", &CAP_KIB.to_string()]);
     debian_base(&server, &BASE_PACKAGES);
     let dir = agent_dir("chatty", &chatty_yaml("env: { NOISE: '1' }\n"));
