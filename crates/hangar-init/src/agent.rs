@@ -1,8 +1,9 @@
 //! Runs the agent process and restarts it with exponential backoff when it exits.
 //!
 //! The agent's stdout and stderr are pipes that [`crate::output`] turns into timestamped lines on
-//! the console, which Hangar captures in the sandbox's log. The supervisor never gives up: a missing executable is reported as `failed` and retried, because
-//! the user may fix it by writing the file. It must never restart the agent once shutdown began.
+//! the console, which Hangar captures in the sandbox's log. The supervisor never gives up: a
+//! missing executable is reported as `failed` and retried, because the user may fix it by
+//! writing the file. It must never restart the agent once shutdown began.
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -187,7 +187,7 @@ impl Sandboxes {
         }
         drivers.insert(DriverKind::Gvisor, Arc::new(GvisorDriver::new()));
         drivers.insert(DriverKind::Container, Arc::new(ContainerDriver::new()));
-        let cfg_console_max = cfg.console_max_bytes;
+        let console_max_bytes = cfg.console_max_bytes;
         let inner = Inner {
             cfg,
             root,
@@ -197,7 +197,7 @@ impl Sandboxes {
             drivers,
             entries: StdMutex::new(HashMap::new()),
             netns: Default::default(),
-            consoles: Consoles::new(cfg_console_max),
+            consoles: Consoles::new(console_max_bytes),
         };
         let me = Sandboxes {
             inner: Arc::new(inner),

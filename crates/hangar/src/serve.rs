@@ -191,7 +191,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         egress: egress.clone(),
         attachable: args.netns,
         metrics: Some(metrics.clone()),
-        console_max_bytes: args.console_log_max_kib * 1024,
+        console_max_bytes: args.console_log_max_kib.saturating_mul(1024),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
