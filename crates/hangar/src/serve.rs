@@ -64,8 +64,8 @@ pub struct ServeArgs {
     /// back to TCG.
     #[arg(long, env = "HANGAR_VM_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     vm_accel: String,
-    /// A session's console log (its agent's stdout and stderr) is rotated past this size, in
-    /// KiB; one older file is kept.
+    /// A sandbox's console log (its agent's stdout and stderr, stamped by hangar-init) is
+    /// rotated past this size, in KiB (at least 16); one older file is kept.
     #[arg(long, env = "HANGAR_CONSOLE_LOG_MAX_KIB", default_value_t = 8192)]
     console_log_max_kib: u64,
 }
