@@ -6,22 +6,23 @@
 //! Without it, the caller is the operator and sees every session.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use hangar_proto::agent::{
     AgentList, CreateSession, DeployRequest, SessionList, TrafficSplit, VersionList, USER_HEADER,
 };
 
 use crate::sandboxes::{self, parse_json, PathQuery};
+
+mod logs;
 use crate::{ApiError, AppState};
+pub use logs::logs;
 
 /// The isolation key a caller asserts, if any.
 pub(crate) fn asserted_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -335,64 +336,6 @@ pub async fn write_file(
     let resp =
         sandboxes::write_file(State(st.clone()), Path(sandbox), Query(q), headers, body).await?;
     Ok(held(resp, lease))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogsQuery {
-    #[serde(default)]
-    follow: bool,
-    /// Only the last this many bytes (default: 64 KiB; the whole log with 0).
-    tail_bytes: Option<u64>,
-}
-
-/// The agent's stdout and stderr as plain text; with `follow=true` the answer stays open
-/// and streams what is appended.
-pub async fn logs(
-    State(st): State<AppState>,
-    Path(params): Path<HashMap<String, String>>,
-    Query(q): Query<LogsQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let r = session_ref(&st, &params, &headers).await?;
-    let path = st.agents.log_path(&r.id, r.user.as_deref()).await?;
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "").into_response())
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("reading the log: {e}"),
-            ))
-        }
-    };
-    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let tail = q.tail_bytes.unwrap_or(64 * 1024);
-    if tail > 0 && len > tail {
-        let _ = file.seek(std::io::SeekFrom::Start(len - tail)).await;
-    }
-    let follow = q.follow;
-    let stream = futures_util::stream::unfold(file, move |mut file| async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match file.read(&mut buf).await {
-                Ok(0) if follow => tokio::time::sleep(Duration::from_millis(200)).await,
-                Ok(0) | Err(_) => return None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Some((Ok::<_, std::io::Error>(Bytes::from(buf)), file));
-                }
-            }
-        }
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        Body::from_stream(stream),
-    )
-        .into_response())
 }
 
 /// Secrets are the operator's: a caller acting as one end user never sees or sets them.

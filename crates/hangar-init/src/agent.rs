@@ -1,8 +1,9 @@
 //! Runs the agent process and restarts it with exponential backoff when it exits.
 //!
-//! The agent's stdout and stderr are init's own, so Hangar captures them in the sandbox log. The
-//! supervisor never gives up: a missing executable is reported as `failed` and retried, because
-//! the user may fix it by writing the file. It must never restart the agent once shutdown began.
+//! The agent's stdout and stderr are pipes that [`crate::output`] turns into timestamped lines on
+//! the console, which Hangar captures in the sandbox's log. The supervisor never gives up: a
+//! missing executable is reported as `failed` and retried, because the user may fix it by
+//! writing the file. It must never restart the agent once shutdown began.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,6 +15,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
+use crate::output::Output;
 use crate::reaper::Reaper;
 use crate::spawn;
 
@@ -66,12 +68,14 @@ impl Agent {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Supervises the agent until [`Agent::shutdown`].
+    /// Supervises the agent until [`Agent::shutdown`]. Its stdout and stderr go to `output`, or
+    /// are init's own without it.
     pub async fn supervise(
         self: Arc<Self>,
         config: Arc<InitConfig>,
         reaper: Arc<Reaper>,
         users_root: PathBuf,
+        output: Option<Arc<Output>>,
     ) {
         let Some(spec) = config.agent.clone() else {
             return;
@@ -93,8 +97,11 @@ impl Agent {
             .map_err(|e| e.to_string());
             let spawned = plan.and_then(|plan| {
                 let stdin = spawn::empty_stdin().map_err(|e| e.to_string())?;
-                spawn::spawn(&reaper, &plan, stdin, Stdio::inherit(), Stdio::inherit())
-                    .map_err(|e| e.to_string())
+                let (stdout, stderr) = match &output {
+                    Some(o) => o.stdio().map_err(|e| e.to_string())?,
+                    None => (Stdio::inherit(), Stdio::inherit()),
+                };
+                spawn::spawn(&reaper, &plan, stdin, stdout, stderr).map_err(|e| e.to_string())
             });
             match spawned {
                 Ok((child, exited)) => {

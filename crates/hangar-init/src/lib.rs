@@ -1,7 +1,8 @@
 //! `hangar-init`, PID 1 in every Hangar sandbox.
 //!
 //! It reads its configuration from the run directory (`/run/hangar`, shared with the host), reaps
-//! orphans, runs and restarts the agent process, serves the authenticated control API of
+//! orphans, runs and restarts the agent process (its output stamped line by line onto the
+//! console), serves the authenticated control API of
 //! [`hangar_proto::init`] on `control.sock`, forwards `agent.sock` to the agent's port and the
 //! in-sandbox HTTP proxy port to the host's `egress.sock`. On `POST /suspend` it lets go of every
 //! host socket so that gVisor can checkpoint, and binds them again on `SIGUSR2`.
@@ -22,6 +23,7 @@ pub mod guard;
 pub mod guest;
 pub mod guest_link;
 pub mod links;
+pub mod output;
 pub mod reaper;
 pub mod resolve;
 pub mod spawn;

@@ -141,10 +141,22 @@ async fn run(
         },
         None => None,
     };
+    // The agent's output goes through pipes, stamped line by line; without them it still runs,
+    // writing to the console as it is.
+    let output = match config.agent {
+        Some(_) => match crate::output::Output::start() {
+            Ok(o) => Some(Arc::new(o)),
+            Err(e) => {
+                log!("cannot pipe the agent's output; it writes to the console unstamped: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     tokio::spawn(
         agent
             .clone()
-            .supervise(config.clone(), reaper.clone(), "/".into()),
+            .supervise(config.clone(), reaper.clone(), "/".into(), output),
     );
     log!("ready (pid {})", std::process::id());
 

@@ -5,6 +5,7 @@
 //! client is an error instead of a silently ignored setting.
 
 pub mod agent;
+pub mod console;
 pub mod error;
 pub mod init;
 pub mod sandbox;

@@ -57,7 +57,9 @@ impl Layout {
     pub fn checkpoint(&self) -> PathBuf {
         self.dir.join("checkpoint")
     }
-    /// `hangar-init`'s and the agent's stdout and stderr.
+    /// `hangar-init`'s and the agent's stdout and stderr, stamped line by line by
+    /// `hangar-init`; the runtime appends to it. `console.log.1` and `console.log.offset`
+    /// beside it are its rotation's (see [`crate::console`]).
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

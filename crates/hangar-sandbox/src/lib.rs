@@ -7,6 +7,7 @@
 //! This crate never speaks HTTP to clients: the API crate does.
 
 mod cmd;
+pub mod console;
 pub mod container;
 pub mod driver;
 pub mod egress;
@@ -23,6 +24,7 @@ mod record;
 pub mod vm;
 mod volume;
 
+pub use console::Consoles;
 pub use driver::{Driver, DriverError, Layout, Recovered, Resumed, Suspended};
 pub use link::{InitLink, LinkError};
 pub use manager::{error_chain, Config, SandboxError, Sandboxes};

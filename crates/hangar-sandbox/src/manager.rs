@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
+use crate::console::{self, Consoles};
 use crate::container::ContainerDriver;
 use crate::driver::{log_tail, Driver, DriverError, Layout, Recovered, Resumed, SandboxSpec};
 use crate::egress::{self, EgressPolicy};
@@ -58,6 +59,9 @@ pub struct Config {
     /// What every sandbox's egress proxy shares: where it reports each connection, where the
     /// secrets it injects and Hangar's internal service come from.
     pub egress: crate::egress::Shared,
+    /// The size past which a sandbox's console log is rotated (one older file is kept):
+    /// [`crate::console::DEFAULT_MAX_BYTES`] unless the operator says otherwise.
+    pub console_max_bytes: u64,
 }
 
 impl Config {
@@ -121,6 +125,8 @@ struct Inner {
     entries: StdMutex<HashMap<String, Arc<Entry>>>,
     /// The network namespaces sandboxes' egress is attached to.
     netns: crate::netns::Netns,
+    /// The sandboxes' console logs: their bound, and the lock their rotations and readers share.
+    consoles: Consoles,
 }
 
 #[derive(Clone)]
@@ -181,6 +187,7 @@ impl Sandboxes {
         }
         drivers.insert(DriverKind::Gvisor, Arc::new(GvisorDriver::new()));
         drivers.insert(DriverKind::Container, Arc::new(ContainerDriver::new()));
+        let console_max_bytes = cfg.console_max_bytes;
         let inner = Inner {
             cfg,
             root,
@@ -190,12 +197,61 @@ impl Sandboxes {
             drivers,
             entries: StdMutex::new(HashMap::new()),
             netns: Default::default(),
+            consoles: Consoles::new(console_max_bytes),
         };
         let me = Sandboxes {
             inner: Arc::new(inner),
         };
         me.recover().await;
+        me.start_console_rotation();
         Ok(me)
+    }
+
+    /// Checks every sandbox's console against its bound, every [`console::ROTATE_EVERY`],
+    /// for as long as the service lives. Here rather than in a driver: the runtimes keep
+    /// writing to the file whoever started them, and this process may be a later one.
+    fn start_console_rotation(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(console::ROTATE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let logs: Vec<PathBuf> = inner
+                    .entries
+                    .lock()
+                    .unwrap()
+                    .keys()
+                    .map(|id| Layout::new(&inner.root, id).console_log())
+                    .collect();
+                let consoles = inner.consoles.clone();
+                drop(inner);
+                let _ = tokio::task::spawn_blocking(move || {
+                    for log in logs {
+                        match consoles.rotate(&log) {
+                            Ok(Some(bytes)) => {
+                                tracing::debug!(log = %log.display(), bytes, "console rotated")
+                            }
+                            Ok(None) => {}
+                            // A sandbox being deleted takes its directory with it.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                tracing::warn!(log = %log.display(), error = %e, "cannot rotate a console log")
+                            }
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+    }
+
+    /// The sandboxes' console logs, for reading them.
+    pub fn consoles(&self) -> &Consoles {
+        &self.inner.consoles
     }
 
     pub fn probe(&self) -> &HostProbe {
@@ -241,7 +297,8 @@ impl Sandboxes {
         log_tail(&self.layout(id).console_log(), lines)
     }
 
-    /// The sandbox's console: `hangar-init`'s and the agent's stdout and stderr.
+    /// The sandbox's console: `hangar-init`'s and the agent's stdout and stderr. Read it
+    /// through [`Sandboxes::consoles`], which knows its rotations.
     pub fn console_log(&self, id: &str) -> PathBuf {
         self.layout(id).console_log()
     }

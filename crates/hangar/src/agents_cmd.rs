@@ -96,13 +96,8 @@ pub enum SessionsCmd {
     Exec(sandbox_cmd::ExecArgs),
     /// Copy a file into (`cp LOCAL SESSION:/path`) or out of (`cp SESSION:/path LOCAL|-`) a session.
     Cp { src: String, dst: String },
-    /// The agent's stdout and stderr.
-    Logs {
-        id: String,
-        /// Keep following the log.
-        #[arg(short, long)]
-        follow: bool,
-    },
+    /// The agent's stdout and stderr (and hangar-init's lines), timestamped.
+    Logs(crate::logs_cmd::LogsArgs),
     /// Suspend a session (scale it to zero now).
     Suspend {
         id: String,
@@ -603,28 +598,7 @@ pub async fn sessions(c: &Client, cmd: SessionsCmd) -> anyhow::Result<ExitCode> 
         }
         SessionsCmd::Exec(a) => return sandbox_cmd::exec(c, "/v1/sessions", a).await,
         SessionsCmd::Cp { src, dst } => sandbox_cmd::cp(c, &src, &dst, SESSION).await?,
-        SessionsCmd::Logs { id, follow } => {
-            let resp = c
-                .send(
-                    Method::GET,
-                    &format!("/v1/sessions/{id}/logs?follow={follow}"),
-                    &[],
-                    client::empty(),
-                )
-                .await?;
-            if !resp.status().is_success() {
-                client::check(resp).await?;
-            } else {
-                let mut body = resp.into_body();
-                let mut out = std::io::stdout();
-                while let Some(frame) = body.frame().await {
-                    if let Ok(data) = frame?.into_data() {
-                        out.write_all(&data)?;
-                        out.flush()?;
-                    }
-                }
-            }
-        }
+        SessionsCmd::Logs(a) => return crate::logs_cmd::run(c, a).await,
         SessionsCmd::Suspend { id, json } => {
             let s: Session = c
                 .json(Method::POST, &format!("/v1/sessions/{id}/suspend"), None)

@@ -17,6 +17,7 @@ mod client;
 mod doctor;
 mod images_cmd;
 mod keys_cmd;
+mod logs_cmd;
 mod sandbox_cmd;
 mod secrets_cmd;
 mod serve;

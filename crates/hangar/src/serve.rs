@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// back to TCG.
     #[arg(long, env = "HANGAR_VM_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     vm_accel: String,
+    /// A sandbox's console log (its agent's stdout and stderr, stamped by hangar-init) is
+    /// rotated past this size, in KiB (at least 16); one older file is kept.
+    #[arg(long, env = "HANGAR_CONSOLE_LOG_MAX_KIB", default_value_t = 8192)]
+    console_log_max_kib: u64,
 }
 
 /// The `vm` driver's setup as commands other than `serve` see it (`doctor`, `bench`): the
@@ -207,6 +211,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         egress: egress.clone(),
         attachable: args.netns,
         metrics: Some(metrics.clone()),
+        console_max_bytes: args.console_log_max_kib.saturating_mul(1024),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
