@@ -207,7 +207,7 @@ export function timelineChart(segments, markers, t0, t1, W) {
   }
   for (const mk of markers) {
     const cx = x(mk.at);
-    const cls = /suspend/.test(mk.kind) ? "suspend" : /resum/.test(mk.kind) ? "resume" : /fail/.test(mk.kind) ? "fail" : "";
+    const cls = /suspend/.test(mk.kind) ? "suspend" : /resum|restor/.test(mk.kind) ? "resume" : /fail/.test(mk.kind) ? "fail" : "";
     svg.appendChild(s("g", { class: `marker ${cls}`, dataset: { kind: mk.kind } },
       s("title", {}, `${mk.label || mk.kind} · ${new Date(mk.at).toLocaleString()}`),
       s("line", { x1: cx, x2: cx, y1: barY - 12, y2: barY + barH }),

@@ -114,9 +114,11 @@ export async function sessionPage(main, [id], ctx) {
   ctx.every(REFRESH_MS * 3, drawTraces);
 }
 
+// An event's kind is the state the session entered; `restored` (how a resume went) marks a
+// moment and starts no segment.
 const KIND_STATE = {
-  created: "creating", started: "running", resumed: "running", suspended: "suspended",
-  stopped: "stopped", deleted: "deleted", failed: "failed", suspending: "suspending", resuming: "resuming",
+  creating: "creating", running: "running", suspending: "suspending", suspended: "suspended",
+  resuming: "resuming", failed: "failed", deleted: "deleted",
 };
 
 /** The timeline's SVG and its event list; without recorded events, what the session record tells. */
@@ -137,7 +139,7 @@ function stateTimeline(session, events) {
     const t1 = Math.max(now, pts[pts.length - 1].at);
     const markers = pts.map((p) => ({ at: p.at, kind: p.kind, label: p.kind }));
     const suspends = pts.filter((p) => p.kind === "suspended").length;
-    const resumes = pts.filter((p) => p.kind === "resumed").length;
+    const resumes = pts.filter((p) => p.kind === "restored").length;
     return [
       responsive((w) => timelineChart(segments, markers, t0, t1, w)),
       h("div", { class: "legend" }, h("span", {}, `${pts.length} events · ${suspends} suspension${suspends === 1 ? "" : "s"} · ${resumes} resumption${resumes === 1 ? "" : "s"}`)),

@@ -333,6 +333,12 @@ fn init_logs(format: &str, provider: Option<&opentelemetry_sdk::trace::SdkTracer
     let spans = provider.map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("hangar"))
+            // Spans carry what they are about, not Hangar's source paths, threads or timings
+            // of its own polling.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target("hangar", tracing::Level::INFO),

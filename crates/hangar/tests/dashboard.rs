@@ -151,10 +151,13 @@ fn dashboard_in_headless_chromium() {
     );
     let done: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(done["latency_chart"]["points"].as_u64().unwrap() >= 3);
+    // The first request's trace: invoke_agent, create_session, start_sandbox and the call.
+    assert!(done["trace_spans"].as_u64().unwrap() >= 4, "{done}");
+    assert!(done["timeline_events"].as_u64().unwrap() >= 2, "{done}");
 
     // The editor's save is the API's truth.
     assert_eq!(traffic(&server), json!({"1": 30, "2": 70}));
-    for shot in ["fleet.png", "agent.png", "session.png"] {
+    for shot in ["fleet.png", "agent.png", "session.png", "trace.png"] {
         let meta = std::fs::metadata(out.join(shot))
             .unwrap_or_else(|e| panic!("no screenshot {shot}: {e}"));
         assert!(meta.len() > 10_000, "{shot} is {} bytes", meta.len());

@@ -3,7 +3,7 @@ what an operator would: sign-in (a wrong key is refused with the API's message, 
 works, a key in the fragment is taken and removed, a key that stops working returns to the
 sign-in form), the fleet page lists the agent and its versions and draws the latency chart,
 the traffic editor saves a new split, the session page tails the agent's log live and browses
-its files, and the trace page draws a waterfall when the server has traces.
+its files and its traces, and the trace page draws a waterfall.
 
     dashboard.py --url http://127.0.0.1:PORT/ui/ --key hk_… --agent dash --session sess_… \
         --user alice --log-line "dash-agent v1 served" --out target/test-artifacts/ui
@@ -142,7 +142,9 @@ def main():
             check(r.status == 200, f"the request during the tail answered {r.status}: {r.text()}")
             expect(log).to_contain_text(f"input={marker}", timeout=20_000)
             done["live_log_line"] = marker
-            page.wait_for_selector("svg.timeline rect.seg")
+            page.wait_for_selector("svg.timeline rect.seg.running")
+            expect(page.locator("#events-table tr[data-kind='creating']")).to_have_count(1)
+            done["timeline_events"] = page.locator("#events-table tbody tr").count()
             # Files: /root/notes holds a note per request (the agent runs as root).
             page.click("#files-table tr[data-name='root'] button")
             page.click("#files-table tr[data-name='notes'] button")
@@ -153,20 +155,18 @@ def main():
             expect(page.locator("#file-content")).not_to_be_empty()
             done["file_preview"] = page.locator("#file-content").inner_text().strip()
             expect(page.locator("#traces-card .body")).not_to_contain_text("Loading")
-            has_traces = page.locator("#traces-table").count() > 0
+            check(page.locator("#traces-table").count() > 0, "the session page lists no traces")
             shot("session.png")
 
-            # The trace page, when this server keeps traces.
-            if has_traces:
-                page.click("#traces-table a.trace-link >> nth=0")
-                page.wait_for_selector("svg.waterfall rect.span")
-                spans = page.locator("svg.waterfall rect.span").count()
-                page.locator("svg.waterfall rect.span").first.click()
-                expect(page.locator("#span-details dl")).to_be_visible()
-                done["trace_spans"] = spans
-                shot("trace.png")
-            else:
-                done["trace_spans"] = None
+            # The trace page: the session's first request, drawn as a waterfall.
+            page.locator("#traces-table a.trace-link").last.click()
+            page.wait_for_selector("svg.waterfall rect.span")
+            spans = page.locator("svg.waterfall rect.span").count()
+            expect(page.locator("svg.waterfall")).to_contain_text("create_session")
+            page.locator("svg.waterfall rect.span").first.click()
+            expect(page.locator("#span-details")).to_contain_text("gen_ai.agent.name")
+            done["trace_spans"] = spans
+            shot("trace.png")
 
             # A key handed over in the fragment is taken, then removed from the address.
             fresh = browser.new_context(viewport={"width": 1400, "height": 1000})
