@@ -169,6 +169,16 @@ fn operator_only(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn trace_store(st: &AppState) -> Result<&hangar_store::TraceStore, ApiError> {
+    telemetry(st)?.store().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            "the trace store is not open yet",
+        )
+    })
+}
+
 fn telemetry(st: &AppState) -> Result<&hangar_telemetry::Telemetry, ApiError> {
     st.telemetry.as_ref().ok_or_else(|| {
         ApiError::new(
@@ -269,14 +279,12 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     operator_only(&headers)?;
-    telemetry(&st)?;
+    let store = trace_store(&st)?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 1000"));
     }
-    let traces = st
-        .agents
-        .store()
+    let traces = store
         .traces(&hangar_store::TraceFilter {
             agent: q.agent.as_deref(),
             session: q.session.as_deref(),
@@ -295,14 +303,14 @@ pub async fn get(
     Path(trace_id): Path<String>,
 ) -> Result<Response, ApiError> {
     operator_only(&headers)?;
-    telemetry(&st)?;
+    let store = trace_store(&st)?;
     let id = trace_id.to_ascii_lowercase();
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request(
             "a trace id is 32 hexadecimal characters",
         ));
     }
-    let spans = st.agents.store().trace(&id).await.map_err(internal)?;
+    let spans = store.trace(&id).await.map_err(internal)?;
     if spans.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -18,7 +18,7 @@ pub use audit::{AuditEntry, AuditFilter, AuditRecord, ChainBreak, GENESIS};
 pub use egress::EgressRecord;
 pub use keys::KeyRow;
 pub use signing_keys::SigningKeyRow;
-pub use traces::{SessionEvent, SpanRow, TraceFilter, TraceSummary};
+pub use traces::{SessionEvent, SpanRow, TraceFilter, TraceStore, TraceSummary};
 
 use std::path::Path;
 

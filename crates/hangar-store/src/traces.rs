@@ -1,9 +1,22 @@
-//! Recent spans (Hangar's own and its agents'), and each session's events.
+//! Recent spans (Hangar's own and its agents'), in a database of their own, and each
+//! session's events.
+
+use std::path::Path;
 
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
 
 use crate::{Store, StoreError};
+
+static TRACE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-traces");
+
+/// The trace store (`<data>/traces.db`). Apart from the control plane's database: spans come
+/// in batches many times a second, and a write waits for no other.
+#[derive(Clone)]
+pub struct TraceStore {
+    pool: SqlitePool,
+}
 
 /// One finished span, flattened from OTLP.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -63,10 +76,30 @@ pub struct SessionEvent {
     pub detail: Option<serde_json::Value>,
 }
 
-impl Store {
+impl TraceStore {
+    /// Opens (creating if needed) the trace store at `path`.
+    pub async fn open(path: &Path) -> Result<TraceStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Open)?;
+        TRACE_MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        Ok(TraceStore { pool })
+    }
+
     /// Stores spans, all in one transaction. `received_at` is unix seconds.
     pub async fn put_spans(&self, spans: &[SpanRow], received_at: i64) -> Result<(), StoreError> {
-        let mut tx = self.write().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for s in spans {
             let attributes = serde_json::to_string(&s.attributes)?;
             let size = (attributes.len() + s.name.len() + s.service.len() + 128) as i64;
@@ -204,7 +237,9 @@ impl Store {
             })
             .collect()
     }
+}
 
+impl Store {
     /// Records something that happened to a session (its state changes are recorded by
     /// `set_session_state` itself).
     pub async fn session_event(

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hangar_store::{SpanRow, Store};
+use hangar_store::{SpanRow, TraceStore};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{span, status};
@@ -28,7 +28,7 @@ pub use otlp::Endpoint;
 /// How traces are kept and where they go.
 #[derive(Clone)]
 pub struct Config {
-    pub store: Store,
+    pub store: TraceStore,
     /// Forward every batch here too (OTLP/HTTP protobuf).
     pub endpoint: Option<Endpoint>,
     /// Spans older than this are dropped from the store.
@@ -71,6 +71,7 @@ pub struct Counters {
 pub struct Telemetry {
     tx: mpsc::Sender<Batch>,
     rx: Arc<std::sync::Mutex<Option<mpsc::Receiver<Batch>>>>,
+    store: Arc<std::sync::OnceLock<TraceStore>>,
     counters: Arc<Counters>,
 }
 
@@ -95,6 +96,7 @@ impl Telemetry {
         Telemetry {
             tx,
             rx: Arc::new(std::sync::Mutex::new(Some(rx))),
+            store: Default::default(),
             counters: Default::default(),
         }
     }
@@ -104,6 +106,7 @@ impl Telemetry {
         let Some(rx) = self.rx.lock().unwrap().take() else {
             return;
         };
+        let _ = self.store.set(cfg.store.clone());
         let forward = cfg.endpoint.clone().map(|endpoint| {
             let (ftx, frx) = mpsc::channel(FORWARD_QUEUE);
             tokio::spawn(otlp::forward(endpoint, frx, self.counters.clone()));
@@ -155,6 +158,11 @@ impl Telemetry {
             telemetry: self.clone(),
             resource: Default::default(),
         }
+    }
+
+    /// The trace store, once started.
+    pub fn store(&self) -> Option<&TraceStore> {
+        self.store.get()
     }
 
     pub fn counters(&self) -> &Counters {

@@ -234,7 +234,9 @@ fn the_endpoint_follows_the_otlp_exporter_rules() {
 #[tokio::test]
 async fn batches_are_stored_found_by_session_and_pruned() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    let store = hangar_store::TraceStore::open(&dir.path().join("t.db"))
+        .await
+        .unwrap();
     let t = Telemetry::new();
     t.start(Config {
         store: store.clone(),

@@ -180,8 +180,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let secrets_key = hangar_agents::SecretKey::load_or_create(&data_dir.join("secrets.key"))
         .map_err(|e| anyhow::anyhow!("the key for secrets: {e}"))?;
     if let Some(t) = &telemetry {
+        let traces = hangar_store::TraceStore::open(&data_dir.join("traces.db"))
+            .await
+            .with_context(|| format!("opening the trace store in {}", data_dir.display()))?;
         t.start(hangar_telemetry::Config {
-            store: store.clone(),
+            store: traces,
             endpoint,
             retention: args.trace_retention,
             max_bytes: args.trace_store_mib * 1024 * 1024,

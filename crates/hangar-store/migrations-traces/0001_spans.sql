@@ -1,4 +1,6 @@
 -- Recent spans: Hangar's own and those agents sent to /v1/traces, bounded by age and size.
+-- In a database of their own (traces.db): their writes never wait for the control plane's,
+-- nor the control plane's for theirs.
 CREATE TABLE spans (
     seq             INTEGER PRIMARY KEY,
     trace_id        TEXT NOT NULL,
@@ -21,13 +23,3 @@ CREATE INDEX spans_by_trace ON spans (trace_id);
 CREATE INDEX spans_by_session ON spans (session, start_us);
 CREATE INDEX spans_by_agent ON spans (agent, start_us);
 CREATE INDEX spans_by_start ON spans (start_us);
-
--- What happened to each session, in order: its state changes and how its sandbox came back.
-CREATE TABLE session_events (
-    seq         INTEGER PRIMARY KEY,
-    session     TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-    at          TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    detail      TEXT
-);
-CREATE INDEX session_events_by_session ON session_events (session, seq);
