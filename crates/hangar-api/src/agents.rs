@@ -393,18 +393,28 @@ pub async fn delete_secret(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The id of the session the path names, once it is known to exist and be the caller's.
+async fn owned_session(
+    st: &AppState,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    let r = session_ref(st, params, headers).await?;
+    st.agents.session(&r.id, r.user.as_deref()).await?;
+    Ok(r.id)
+}
+
 /// `GET …/sessions/{id}/egress`: the connections the session's sandbox made or tried.
 pub async fn session_egress(
     State(st): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let r = session_ref(&st, &params, &headers).await?;
-    st.agents.session(&r.id, r.user.as_deref()).await?;
+    let id = owned_session(&st, &params, &headers).await?;
     let egress = st
         .agents
         .store()
-        .egress(None, Some(&r.id), 10_000)
+        .egress(None, Some(&id), 10_000)
         .await
         .map_err(hangar_agents::AgentsError::from)?;
     Ok(Json(serde_json::json!({ "egress": egress })).into_response())
@@ -416,12 +426,11 @@ pub async fn session_events(
     Path(params): Path<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let r = session_ref(&st, &params, &headers).await?;
-    st.agents.session(&r.id, r.user.as_deref()).await?;
+    let id = owned_session(&st, &params, &headers).await?;
     let events = st
         .agents
         .store()
-        .session_events(&r.id, 10_000)
+        .session_events(&id, 10_000)
         .await
         .map_err(hangar_agents::AgentsError::from)?;
     Ok(Json(serde_json::json!({ "events": events })).into_response())
