@@ -591,6 +591,13 @@ fn agents_have_identities_tokens_on_behalf_of_users_and_secrets_they_never_see()
     assert!(attached, "{egress}");
 }
 
+/// Whether the test card's digits are in `text`, whatever separates them. A bare `4111` is not
+/// evidence: ids and hashes (the audit trail is full of them) hold it by chance.
+fn has_card(text: &str) -> bool {
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    digits.contains("41111111")
+}
+
 /// Answers with a card number, an e-mail address or a ticket id are redacted (whole JSON,
 /// streams, invocations) or withheld, egress bodies with them are refused before they leave,
 /// and every hit is in the audit trail.
@@ -632,7 +639,8 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
     for m in marks {
         assert!(text.contains(m), "{m} missing from {text}");
     }
-    for secret in ["4111", "bob@example.com", "TKT-123456"] {
+    assert!(!has_card(&r.text()), "the card leaked: {}", r.text());
+    for secret in ["bob@example.com", "TKT-123456"] {
         assert!(!r.text().contains(secret), "{secret} leaked: {}", r.text());
     }
 
@@ -646,7 +654,7 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
     assert_eq!(r.status, 200, "{}", r.text());
     let body = r.text();
     assert!(
-        !body.contains("4111") && !body.contains("bob@example.com"),
+        !has_card(&body) && !body.contains("bob@example.com"),
         "{body}"
     );
     let mut deltas = String::new();
@@ -680,7 +688,7 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
         .as_str()
         .unwrap()
         .contains("[REDACTED:card_number]"));
-    assert!(!r.text().contains("4111"), "{}", r.text());
+    assert!(!has_card(&r.text()), "{}", r.text());
 
     // Egress: a body with a hit never leaves; a clean one does.
     let post = |body: &str| {
@@ -736,10 +744,7 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
             && h["detail"]["detectors"] == json!(["card_number"])),
         "{trail}"
     );
-    assert!(
-        !trail.to_string().contains("4111"),
-        "a value is in the trail"
-    );
+    assert!(!has_card(&trail.to_string()), "a value is in the trail");
 
     // `output: block` withholds the answer instead.
     let dir = agent_dir("probe", &yaml("block"));
@@ -748,7 +753,7 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
     let r = respond(&server, "probe", "bob", &json!({"input": leaky}));
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "output_blocked");
-    assert!(!r.text().contains("4111"));
+    assert!(!has_card(&r.text()));
     let r = respond(
         &server,
         "probe",
@@ -758,7 +763,7 @@ fn guardrails_redact_or_withhold_answers_and_refuse_egress_bodies() {
     let body = r.text();
     assert!(body.contains("output_blocked"), "{body}");
     assert!(
-        !body.contains("4111") && !body.contains("bob@example.com"),
+        !has_card(&body) && !body.contains("bob@example.com"),
         "{body}"
     );
     let r = respond(&server, "probe", "bob", &json!({"input": "all clean"}));
