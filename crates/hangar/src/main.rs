@@ -21,6 +21,7 @@ mod logs_cmd;
 mod sandbox_cmd;
 mod secrets_cmd;
 mod serve;
+mod traces_cmd;
 
 use std::path::PathBuf;
 
@@ -93,6 +94,9 @@ enum Command {
     /// The audit trail: ls, verify.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
+    /// Traces Hangar keeps: ls, show.
+    #[command(subcommand)]
+    Traces(traces_cmd::TracesCmd),
     /// An agent's secrets: set (from stdin), ls, rm.
     #[command(subcommand)]
     Secrets(secrets_cmd::SecretsCmd),
@@ -151,6 +155,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Keys(cmd) => keys_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Audit(cmd) => audit_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
+            Command::Traces(cmd) => traces_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Secrets(cmd) => secrets_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Images(cmd) => images_cmd::run(&client::Client::new(&cli.url)?, cmd).await,
             Command::Sandbox(cmd) => sandbox_cmd::run(&client::Client::new(&cli.url)?, cmd).await,

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-use common::agents::{agent_dir, deploy, http, http_anonymous, respond, BASE_PACKAGES};
+use common::agents::{agent_dir, cli, deploy, http, http_anonymous, respond, BASE_PACKAGES};
 use common::images::debian_base;
 use common::{venv_python, Server};
 
@@ -453,6 +453,33 @@ fn traces_follow_a_request_into_the_agent_and_out_over_otlp() {
     assert_eq!(first["name"], "invoke_agent traced:1");
     assert_eq!(first["session_id"], session.as_str());
     assert!(first["spans"].as_i64().unwrap() >= 5, "{first}");
+    // The CLI reads the same: the list, and the trace as a tree with the agent's span under
+    // Hangar's call.
+    let out = cli(&server, &["traces", "ls", "--session", &session, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["traces"][0]["trace_id"], trace);
+    let out = cli(&server, &["traces", "show", trace]);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shown.starts_with("invoke_agent traced:1  [hangar]"),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("    agent tool call  [traced]")),
+        "{shown}"
+    );
     // Traces are the operator's; bad ids are refused.
     let r = http(
         &server,
