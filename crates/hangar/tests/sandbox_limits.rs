@@ -21,6 +21,11 @@ fn limits(driver: &str, cpu: Cpu) {
     let b = s.create(json!({"driver": driver, "image": rootfs.path()}));
 
     // Memory: a process that grows past the limit is killed (137); the sandbox lives on.
+    // A VM's RAM is a shared file mapping on the host's disk: with the dirty pages earlier tests
+    // left still being written back, the hog's page faults wait on that writeback (a TCG guest
+    // at half a core was seen to take over curl's 120 s that way after the whole suite, and
+    // ~30 s alone). Writing them back first measures the sandbox, not the suite's leftovers.
+    nix::unistd::sync();
     let r = s.exec(
         &a,
         &[
