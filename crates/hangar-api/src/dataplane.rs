@@ -95,11 +95,7 @@ pub async fn responses(
         },
     };
     let (lease, _created) = st.agents.route(&name, &user, &route).await?;
-    let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
-    if guard.is_some() {
-        // The guardrails read the answer: it must come uncompressed.
-        parts.headers.remove(header::ACCEPT_ENCODING);
-    }
+    let (guard, whose) = guarded(&st, &lease, &mut parts.headers).await;
     let capture = Capture {
         agents: st.agents.clone(),
         agent: name,
@@ -121,14 +117,19 @@ pub async fn responses(
     Ok(crate::guard::answer(&st, guard, whose, resp).await)
 }
 
-/// The guardrails on the answers of `lease`'s session, and whose answer it is.
+/// The guardrails on the answers of `lease`'s session, and whose answer it is. With
+/// guardrails the answer must come uncompressed (they read it): `Accept-Encoding` goes.
 async fn guarded(
     st: &AppState,
     lease: &Lease,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
 ) -> (Option<Arc<hangar_agents::OutputGuard>>, crate::guard::Whose) {
+    let guard = st.agents.output_guard(lease).await;
+    if guard.is_some() {
+        headers.remove(header::ACCEPT_ENCODING);
+    }
     (
-        st.agents.output_guard(lease).await,
+        guard,
         crate::guard::Whose {
             agent: lease.agent.clone(),
             session: lease.session_id.clone(),
@@ -157,11 +158,7 @@ pub async fn response_op(
     };
     let body = read_limited(body).await?;
     let lease = st.agents.route_response(&name, &user, &id).await?;
-    let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
-    if guard.is_some() {
-        // The guardrails read the answer: it must come uncompressed.
-        parts.headers.remove(header::ACCEPT_ENCODING);
-    }
+    let (guard, whose) = guarded(&st, &lease, &mut parts.headers).await;
     let path = format!("/responses/{}{suffix}", percent_encode_segment(&id));
     let resp = forward(
         &st.pool,
@@ -239,14 +236,7 @@ pub async fn invocations(
         upgrade(lease, &mut req, &path).await?
     } else {
         let (mut parts, body) = req.into_parts();
-        let (guard, whose) = guarded(&st, &lease, &parts.headers).await;
-        if guard.is_some() {
-            parts.headers.remove(header::ACCEPT_ENCODING);
-        }
-        if guard.is_some() {
-            // The guardrails read the answer: it must come uncompressed.
-            parts.headers.remove(header::ACCEPT_ENCODING);
-        }
+        let (guard, whose) = guarded(&st, &lease, &mut parts.headers).await;
         let resp = forward(
             &st.pool,
             lease,

@@ -41,19 +41,13 @@ pub async fn run(c: &Client, cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let mut q = vec![format!("limit={limit}")];
-            if let Some(a) = agent {
-                q.push(format!("agent={}", hangar_proto::encode_query(&a)));
-            }
-            if let Some(s) = session {
-                q.push(format!("session={}", hangar_proto::encode_query(&s)));
-            }
-            if let Some(a) = after {
-                q.push(format!("after={a}"));
-            }
-            let v: Value = c
-                .json(Method::GET, &format!("/v1/audit?{}", q.join("&")), None)
-                .await?;
+            let q = crate::client::query(&[
+                ("limit", Some(limit.to_string())),
+                ("agent", agent),
+                ("session", session),
+                ("after", after.map(|a| a.to_string())),
+            ]);
+            let v: Value = c.json(Method::GET, &format!("/v1/audit?{q}"), None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(ExitCode::SUCCESS);

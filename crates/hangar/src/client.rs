@@ -136,6 +136,15 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// A query string of the pairs that have a value, each value percent-encoded.
+pub(crate) fn query(pairs: &[(&str, Option<String>)]) -> String {
+    pairs
+        .iter()
+        .filter_map(|(k, v)| Some(format!("{k}={}", hangar_proto::encode_query(v.as_deref()?))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// `Authorization: Bearer <key>` for the requests the benches build themselves.
 pub(crate) fn auth_header() -> String {
     api_key().map(|k| format!("Bearer {k}")).unwrap_or_default()

@@ -40,15 +40,13 @@ pub async fn run(c: &Client, cmd: TracesCmd) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let mut q = vec![format!("limit={limit}")];
-            if let Some(a) = agent {
-                q.push(format!("agent={}", hangar_proto::encode_query(&a)));
-            }
-            if let Some(s) = session {
-                q.push(format!("session={}", hangar_proto::encode_query(&s)));
-            }
+            let q = crate::client::query(&[
+                ("limit", Some(limit.to_string())),
+                ("agent", agent),
+                ("session", session),
+            ]);
             let v: Value = c
-                .json(Method::GET, &format!("/v1/traces?{}", q.join("&")), None)
+                .json(Method::GET, &format!("/v1/traces?{q}"), None)
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -140,13 +138,14 @@ fn tree(spans: &[Value], attributes: bool) -> Vec<String> {
                 out.push(format!("{:indent$}{k} = {v}", "", indent = depth * 2 + 4));
             }
         }
-        let id = span["span_id"].as_str();
-        let children = spans
-            .iter()
-            .filter(|c| id.is_some() && c["parent_span_id"].as_str() == id);
         // Spans come in start order; the stack takes them last first.
-        let children: Vec<&Value> = children.collect();
-        stack.extend(children.into_iter().rev().map(|c| (c, depth + 1)));
+        if let Some(id) = span["span_id"].as_str() {
+            let children: Vec<&Value> = spans
+                .iter()
+                .filter(|c| c["parent_span_id"].as_str() == Some(id))
+                .collect();
+            stack.extend(children.into_iter().rev().map(|c| (c, depth + 1)));
+        }
     }
     out
 }
